@@ -1,0 +1,1 @@
+"""Diff-Privacy torch core: pure torch (plus diffusers/transformers/facenet-pytorch), never imports ComfyUI."""

@@ -1,0 +1,58 @@
+"""Exceptions the core raises. Each message says what went wrong and what to do about it."""
+from __future__ import annotations
+
+
+class DiffPrivacyError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class FaceNotFoundError(DiffPrivacyError):
+    """No face was detected in an image that needs one."""
+
+
+class MultipleFacesError(DiffPrivacyError):
+    """More than one face was found where exactly one is required."""
+
+
+class InvalidImageError(DiffPrivacyError):
+    """The image cannot be used (wrong channel count, too small, too large, NaN …)."""
+
+
+class WeightsNotFoundError(DiffPrivacyError, FileNotFoundError):
+    """A model weight file is missing; the message names the folder and the expected file."""
+
+
+class IncompatibleWeightsError(DiffPrivacyError):
+    """A weight file was found but does not match the expected architecture."""
+
+
+class KeyFileError(DiffPrivacyError):
+    """Base class for problems with a recovery-key file."""
+
+
+class WrongPassphraseError(KeyFileError):
+    """The passphrase does not open this key file."""
+
+
+class PassphraseRequiredError(KeyFileError):
+    """The key file is encrypted (or must be written encrypted) and no passphrase was given."""
+
+
+class TamperedKeyFileError(KeyFileError):
+    """The key file was opened with the right passphrase but its content fails authentication."""
+
+
+class TruncatedKeyFileError(KeyFileError):
+    """The key file is shorter than its header says: an incomplete copy or download."""
+
+
+class ForeignKeyFileError(KeyFileError):
+    """The file is not a Diff-Privacy key file (or a newer format this version cannot read)."""
+
+
+class KeyMismatchError(KeyFileError):
+    """The keys were made with another base model or other settings than the ones given now."""
+
+
+class CancelledError(DiffPrivacyError):
+    """A long loop was stopped by the caller's cancellation check."""
