@@ -56,3 +56,7 @@ class KeyMismatchError(KeyFileError):
 
 class CancelledError(DiffPrivacyError):
     """A long loop was stopped by the caller's cancellation check."""
+
+
+class ProtectionFailedError(DiffPrivacyError):
+    """A protected output still matches the source identity; nothing was output (fail closed)."""

@@ -1,0 +1,60 @@
+"""Embedding Scheduler: MSI stage conditionings at high noise, null text at low noise, as one CONDITIONING."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..core.schedules import PRESET_SWITCH_TIMESTEPS, EmbeddingSchedule, check_tiling
+from . import bridge
+from .types import CATEGORY, PrivacyEmbedsType
+
+TASKS = ["anonymize", "hide", "recover", "custom"]
+
+
+def scheduled_conditioning(embeds, null_conditioning, schedule: EmbeddingSchedule) -> list:
+    """CONDITIONING entries (one per active stage + null) whose start/end percents tile [0, 1]."""
+    ranges = schedule.percent_ranges()
+    check_tiling(ranges)
+    pooled_null = null_conditioning[0][1].get("pooled_output") if null_conditioning else None
+    out = []
+    for r in ranges:
+        if r.stage is None:
+            if not null_conditioning:
+                raise ValueError("this schedule needs the null conditioning: connect CLIP Text Encode with an "
+                                 "empty prompt to 'null_conditioning'")
+            out += bridge.with_timestep_range(null_conditioning, r.start_percent, r.end_percent)
+        else:
+            cond = embeds.stage_conds[r.stage : r.stage + 1].clone()
+            extras = {"pooled_output": pooled_null} if pooled_null is not None else {}
+            out += bridge.with_timestep_range([[cond, extras]], r.start_percent, r.end_percent)
+    return out
+
+
+class EmbeddingScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacy_EmbeddingScheduler",
+            display_name="Embedding Scheduler",
+            category=CATEGORY,
+            description="Turns MSI embeddings into one CONDITIONING with timestep ranges: stage conditionings "
+                        "while t > switch, null text below. Works with any sampler, plain KSampler included.",
+            inputs=[
+                PrivacyEmbedsType.Input("embeds", tooltip="key-E from MSI Invert or Load Privacy Keys."),
+                io.Conditioning.Input("null_conditioning", tooltip="CLIP Text Encode of an empty prompt (\"\")."),
+                io.Combo.Input("task", options=TASKS, default="anonymize",
+                               tooltip="anonymize: stages for t > 400; hide: t > 600; recover: stages at every "
+                                       "step; custom: use switch_timestep."),
+                io.Int.Input("switch_timestep", default=400, min=-1, max=999,
+                             tooltip="Only for task 'custom': stage conditionings for t > this, null text at or "
+                                     "below it (-1 = stages everywhere)."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning",
+                                            tooltip="Scheduled conditioning for Privacy Sampler or any sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, embeds, null_conditioning, task, switch_timestep) -> io.NodeOutput:
+        t_sw = switch_timestep if task == "custom" else PRESET_SWITCH_TIMESTEPS[task]
+        with torch.inference_mode(False):
+            return io.NodeOutput(scheduled_conditioning(embeds, null_conditioning, EmbeddingSchedule(t_sw)))

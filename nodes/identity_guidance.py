@@ -1,0 +1,124 @@
+"""Face Recognizer Loader and Identity Energy Guidance."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..core import faces
+from ..core.energies import StepSizeSchedule
+from ..core.recognizers import FaceCrop, load_recognizer, reference_embedding
+from . import bridge
+from .convert import rgb, to_model_image
+from .types import CATEGORY, GuidanceSpec, GuidanceType, RecognizerType
+
+CROP_MODES = ["official", "ffhq", "whole", "detect"]
+STEP_SCHEDULES = ["official", "constant"]
+
+
+class FaceRecognizerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacy_FaceRecognizerLoader",
+            display_name="Face Recognizer Loader",
+            category=CATEGORY,
+            description="Loads a face recognizer from models/face_recognition: FaceNet VGGFace2 "
+                        "(20180402-114759-vggface2.pt) or ArcFace IR-SE50 (model_ir_se50.pth). Never downloads.",
+            inputs=[
+                io.Combo.Input("recognizer_name", options=bridge.list_recognizer_files(),
+                               tooltip="Weight file in ComfyUI's models/face_recognition folder."),
+                io.Combo.Input("kind", options=["auto", "facenet", "arcface"], default="auto",
+                               tooltip="Architecture; auto detects it from the file's parameter names."),
+            ],
+            outputs=[RecognizerType.Output(display_name="recognizer")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, recognizer_name):
+        if recognizer_name not in bridge.list_recognizer_files():
+            return bridge.missing_recognizer_message(recognizer_name)
+        return True
+
+    @classmethod
+    def execute(cls, recognizer_name, kind) -> io.NodeOutput:
+        path = bridge.recognizer_path(recognizer_name)
+        return io.NodeOutput(load_recognizer(path, kind))
+
+
+def source_crop(crop_mode: str, recognizer, image_bhwc: torch.Tensor) -> FaceCrop:
+    """The FaceCrop for a crop mode; "detect" finds the face box on the source with MTCNN once."""
+    if crop_mode == "official":
+        return FaceCrop.official(recognizer)
+    if crop_mode == "detect":
+        face = faces.single_face(rgb(image_bhwc)[0])
+        return FaceCrop("box", recognizer.input_size, "bilinear", box=tuple(float(v) for v in face.box), margin=0.1)
+    return FaceCrop(crop_mode, recognizer.input_size, "nearest")
+
+
+class IdentityEnergyGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacy_IdentityEnergyGuidance",
+            display_name="Identity Energy Guidance",
+            category=CATEGORY,
+            description="Gradient of a face-recognition energy on the predicted clean image at every step: "
+                        "anonymize pushes away from the source identity (and the samples apart), hide pulls "
+                        "machine identity toward the source. Also a GUIDER for SamplerCustomAdvanced.",
+            inputs=[
+                RecognizerType.Input("recognizer", tooltip="From Face Recognizer Loader (paper: ArcFace for "
+                                                           "anonymize, FaceNet for hide)."),
+                io.Image.Input("source", tooltip="The face being protected (the same aligned image as MSI Invert)."),
+                io.Combo.Input("mode", options=["anonymize", "hide"], default="anonymize",
+                               tooltip="anonymize: FR must not match the source; hide: FR must still match."),
+                io.Combo.Input("step_schedule", options=STEP_SCHEDULES, default="official",
+                               tooltip="official: ρ=1 (anonymize); ρ=1.5 for t>600, 2.5 below (hide). "
+                                       "constant: ρ=step_scale everywhere."),
+                io.Float.Input("step_scale", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Multiplies the official step sizes (or is ρ for 'constant'); 0 = off."),
+                io.Float.Input("diversity_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="anonymize only: weight of the term pushing the batch's faces apart."),
+                io.Combo.Input("crop", options=CROP_MODES, default="official",
+                               tooltip="official: ArcFace FFHQ crop / FaceNet whole image; detect: MTCNN box on "
+                                       "the source, reused for every sample (robust for unaligned inputs)."),
+                io.Combo.Input("gradient_target", options=["x0", "xt"], default="x0",
+                               tooltip="x0: through the VAE decoder only (official, cheaper); xt: also through "
+                                       "the UNet (FreeDoM-style, ~2× cost)."),
+                io.Float.Input("max_grad_norm", default=0.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Per-sample gradient L2 clip; 0 = off (official)."),
+                io.Float.Input("max_identity_similarity", default=0.5, min=-1.0, max=1.0, step=0.01,
+                               tooltip="anonymize: fail (no output) if any result's cosine similarity to the "
+                                       "source under this recognizer exceeds this. 1 disables the check."),
+                io.Model.Input("model", optional=True, tooltip="Only for the GUIDER output."),
+                io.Vae.Input("vae", optional=True, tooltip="Only for the GUIDER output."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Only for the GUIDER output (from Embedding Scheduler)."),
+            ],
+            outputs=[
+                GuidanceType.Output(display_name="guidance", tooltip="For Privacy Sampler."),
+                io.Guider.Output(display_name="guider",
+                                 tooltip="For SamplerCustomAdvanced (needs model, vae and conditioning)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, recognizer, source, mode, step_schedule, step_scale, diversity_weight, crop,
+                gradient_target, max_grad_norm, max_identity_similarity, model=None, vae=None,
+                conditioning=None) -> io.NodeOutput:
+        recognizer = bridge.to_compute_device(recognizer)
+        face_crop = source_crop(crop, recognizer, source)
+        src = to_model_image(source[:1])
+        embedding = reference_embedding(recognizer, face_crop, src)
+        if step_schedule == "official":
+            steps = StepSizeSchedule.preset(mode).scaled(step_scale)
+        else:
+            steps = StepSizeSchedule.constant(step_scale)
+        spec = GuidanceSpec(recognizer=recognizer, crop=face_crop, source_embedding=embedding, mode=mode,
+                            diversity_weight=diversity_weight, step_size=steps, target=gradient_target,
+                            max_grad_norm=max_grad_norm or None, max_identity_similarity=max_identity_similarity,
+                            extra={"source_size": tuple(src.shape[-2:]), "recognizer": recognizer.name})
+        guider = None
+        if model is not None and vae is not None and conditioning is not None:
+            from .privacy_sampler import bind_guidance
+            guider = bridge.PrivacyGuider(model, conditioning, lambda: bind_guidance(spec, vae, model))
+        return io.NodeOutput(spec, guider)

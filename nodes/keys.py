@@ -1,0 +1,112 @@
+"""Save Privacy Keys / Load Privacy Keys: key-E + key-I encrypted at rest (scrypt → AES-256-GCM)."""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..core.diffusion import LATENT_SCALE
+from ..core.keys import PrivacyKeys, load_keys, save_keys
+from . import bridge
+from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
+
+ENV_PREFIX = "env:"
+DEFAULT_PASSPHRASE_SOURCE = "env:DIFF_PRIVACY_PASSPHRASE"
+PASSPHRASE_TOOLTIP = ("Passphrase that encrypts the keys. Prefer 'env:NAME' (read from the environment variable "
+                      "NAME of the ComfyUI process): text typed here is stored in the workflow and in the "
+                      "metadata of every image SaveImage writes.")
+
+
+def resolve_passphrase(value: str) -> str | None:
+    """'env:NAME' → the variable's value; '' → None; anything else is the passphrase itself."""
+    value = value or ""
+    if value.startswith(ENV_PREFIX):
+        name = value[len(ENV_PREFIX):].strip()
+        secret = os.environ.get(name)
+        if not secret:
+            raise ValueError(f"The passphrase is to be read from the environment variable {name!r}, which is not "
+                             f"set in the ComfyUI process. Set it before starting ComfyUI "
+                             f"(e.g. export {name}='…') or type the passphrase into the node.")
+        return secret
+    return value or None
+
+
+def safe_prefix(prefix: str) -> str:
+    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "_", prefix.strip()) or "keys"
+    return prefix.lstrip(".")
+
+
+class SavePrivacyKeys(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacy_SaveKeys",
+            display_name="Save Privacy Keys",
+            category=CATEGORY,
+            description="Writes key-E and key-I to output/diff_privacy_keys/<prefix>_<time>.dpkey, encrypted "
+                        "with the passphrase. Whoever holds the file and passphrase can restore the face.",
+            is_output_node=True,
+            inputs=[
+                PrivacyEmbedsType.Input("embeds", tooltip="key-E from MSI Invert."),
+                io.Latent.Input("key_latent", tooltip="key-I from MSI Invert."),
+                io.String.Input("filename_prefix", default="face", tooltip="Start of the key file's name."),
+                io.String.Input("passphrase", default=DEFAULT_PASSPHRASE_SOURCE, tooltip=PASSPHRASE_TOOLTIP),
+                io.Boolean.Input("allow_plaintext", default=False,
+                                 tooltip="Write an UNENCRYPTED key file when the passphrase is empty. Keys are "
+                                         "biometric secrets: leave this off."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the key file was written.")],
+        )
+
+    @classmethod
+    def execute(cls, embeds, key_latent, filename_prefix, passphrase, allow_plaintext) -> io.NodeOutput:
+        secret = resolve_passphrase(passphrase)
+        with torch.inference_mode(False):
+            z_T = key_latent["samples"].float().cpu().clone() * LATENT_SCALE
+            keys = PrivacyKeys(embeds.stage_tokens.clone(), embeds.stage_conds.clone(), z_T, embeds.metadata)
+        name = f"{safe_prefix(filename_prefix)}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid() % 1000:03d}.dpkey"
+        path = save_keys(os.path.join(bridge.keys_directory(), name), keys, secret,
+                         allow_plaintext=allow_plaintext)
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"keys saved: {path.name}"))
+
+
+class LoadPrivacyKeys(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacy_LoadKeys",
+            display_name="Load Privacy Keys",
+            category=CATEGORY,
+            description="Opens a .dpkey file from output/diff_privacy_keys with its passphrase.",
+            inputs=[
+                io.Combo.Input("key_file", options=bridge.list_key_files(),
+                               tooltip="A key file in output/diff_privacy_keys (press R to refresh)."),
+                io.String.Input("passphrase", default=DEFAULT_PASSPHRASE_SOURCE, tooltip=PASSPHRASE_TOOLTIP),
+            ],
+            outputs=[
+                PrivacyEmbedsType.Output(display_name="embeds", tooltip="key-E."),
+                io.Latent.Output(display_name="key_latent", tooltip="key-I."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, key_file):
+        if not os.path.isfile(bridge.key_file_path(key_file)):
+            return (f"Key file {key_file!r} not found in {bridge.keys_directory()}; put the .dpkey file there "
+                    f"and press R to refresh.")
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, key_file, passphrase):
+        path = bridge.key_file_path(key_file)
+        return os.path.getmtime(path) if os.path.exists(path) else float("nan")
+
+    @classmethod
+    def execute(cls, key_file, passphrase) -> io.NodeOutput:
+        keys = load_keys(bridge.key_file_path(key_file), resolve_passphrase(passphrase))
+        embeds = PrivacyEmbeds(keys.stage_tokens, keys.stage_conds, keys.metadata)
+        latent = {"samples": (keys.z_T / LATENT_SCALE).to(bridge.intermediate_device())}
+        return io.NodeOutput(embeds, latent)

@@ -1,0 +1,87 @@
+"""MSI Invert: learn the 10 stage conditionings of one face (key-E) and DDIM-invert it (key-I)."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..core import msi, sampling
+from ..core.keys import KeyMetadata
+from . import bridge
+from .convert import to_model_image
+from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
+
+DEFAULT_LR = {"faithful": 1e-4, "lite": 5e-3}
+
+
+class MSIInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacy_MSIInvert",
+            display_name="MSI Invert",
+            category=CATEGORY,
+            description="Trains the per-image MSI conditionings (key-E) against this checkpoint's UNet and "
+                        "DDIM-inverts the face with them (key-I). Minutes of GPU work: the result is cached.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x MODEL from Load Checkpoint; protection and recovery "
+                                                "must use the same checkpoint."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP (text encoder)."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
+                io.Image.Input("image", tooltip="One aligned face (use Face Align on an ordinary photo); the "
+                                                "first image of a batch is used. 512×512 as in the paper."),
+                io.Combo.Input("mode", options=["faithful", "lite"], default="faithful",
+                               tooltip="faithful: the paper's MSI network on CLIP-vision features (needs "
+                                       "clip_vision). lite: 10 stage tokens learned directly (faster)."),
+                io.Int.Input("steps", default=6100, min=1, max=100000,
+                             tooltip="Optimisation steps (paper: 6100; lite works with ~1500)."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=1e-6,
+                               tooltip="AdamW learning rate; 0 = the mode's default (faithful 1e-4, lite 5e-3)."),
+                io.Int.Input("inversion_steps", default=50, min=2, max=1000,
+                             tooltip="DDIM steps of the inversion that makes key-I; recovery uses the same."),
+                io.Int.Input("timesteps_per_step", default=1, min=1, max=64,
+                             tooltip="Timesteps drawn per optimisation step (same expected gradient, better "
+                                     "GPU use; memory grows with it)."),
+                io.Int.Input("seed", default=23, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the timestep and noise draws (paper: 23)."),
+                io.Boolean.Input("official_uint8_quirk", default=False,
+                                 tooltip="Reproduce the released code's broken CLIP preprocessing (uint8 cast "
+                                         "of [-1,1] pixels). Off = correct preprocessing."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="CLIP ViT-L/14 vision model (CLIPVisionLoader); required by faithful."),
+            ],
+            outputs=[
+                PrivacyEmbedsType.Output(display_name="embeds", tooltip="key-E: stage tokens and conditionings."),
+                io.Latent.Output(display_name="key_latent", tooltip="key-I: the DDIM-inverted latent z_T."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, mode, clip_vision=None):
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, mode, steps, learning_rate, inversion_steps, timesteps_per_step,
+                seed, official_uint8_quirk, clip_vision=None) -> io.NodeOutput:
+        if mode == "faithful" and clip_vision is None:
+            raise ValueError("MSI Invert in 'faithful' mode needs a CLIP ViT-L/14 vision model: add a "
+                             "Load CLIP Vision node (models/clip_vision) and connect it, or switch mode to 'lite'.")
+        backend = bridge.ComfyBackend(model, clip, vae, trainable=True)
+        source = to_model_image(image[:1]).to(backend.device)
+        vision = bridge.ComfyVisionEncoder(clip_vision) if clip_vision is not None else None
+        lr = learning_rate or DEFAULT_LR[mode]
+        result = msi.train_msi(backend, source, mode=mode, steps=steps, lr=lr, seed=seed,
+                               timesteps_per_step=timesteps_per_step, vision=vision,
+                               uint8_quirk=official_uint8_quirk, progress=bridge.progress_bar(steps),
+                               cancel=bridge.check_interrupt)
+        z0 = backend.encode_image(source)
+        z_T = sampling.ddim_invert(backend, z0, result.stage_conds, inversion_steps,
+                                   progress=bridge.progress_bar(inversion_steps), cancel=bridge.check_interrupt)
+        metadata = KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=inversion_steps,
+                               schedule="recover", msi_mode=mode, image_size=tuple(source.shape[-2:]))
+        with torch.inference_mode(False):
+            embeds = PrivacyEmbeds(result.stage_tokens.detach().float().cpu().clone(),
+                                   result.stage_conds.detach().float().cpu().clone(), metadata)
+        latent = bridge.scaled_to_comfy_latent(model, z_T)
+        del backend
+        bridge.release_memory()
+        return io.NodeOutput(embeds, latent)

@@ -1,0 +1,152 @@
+"""Privacy Sampler (guided DDIM from a partially noised face) and Recover (DDIM from key-I with key-E)."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..core import diffusion, sampling
+from ..core.energies import BackgroundPaste, IdentityGuidance, mask_to_latent
+from ..core.errors import ProtectionFailedError
+from ..core.keys import check_compatible
+from ..core.schedules import EmbeddingSchedule
+from . import bridge
+from .convert import mask_batch, to_comfy_image, to_model_image
+from .embedding_scheduler import scheduled_conditioning
+from .types import CATEGORY, GuidanceType, PrivacyEmbedsType
+
+
+def bind_guidance(spec, vae, model) -> IdentityGuidance:
+    """core IdentityGuidance from a GuidanceSpec, decoding through a private copy of ComfyUI's VAE."""
+    return IdentityGuidance(decode=bridge.DifferentiableDecoder(vae, model), recognizer=spec.recognizer,
+                            crop=spec.crop, source_embedding=spec.source_embedding, mode=spec.mode,
+                            diversity_weight=spec.diversity_weight, step_size=spec.step_size,
+                            target=spec.target, max_grad_norm=spec.max_grad_norm)
+
+
+def sample_in_comfy(model, conditioning, x_sigma: torch.Tensor, sigmas: torch.Tensor, timesteps: list[int],
+                    seed: int, *, guidance=None, background=None, grad_through_unet: bool = False) -> torch.Tensor:
+    """Run core.sampling.sample_guided_ddim inside ComfyUI's sampler stack; returns VP scaled latents.
+
+    The start latent x_σ is handed to ComfyUI as noise/σ₀ over an empty latent, so ComfyUI's own
+    ``latent + σ₀·noise`` reproduces it exactly.
+    """
+    sampler_model = bridge.grad_ready_model(model) if grad_through_unet else model
+    guider = bridge.PrivacyGuider(sampler_model, conditioning)
+    sigma_last = float(sigmas[-1])
+
+    def run_loop(denoise, x, _device_sigmas, callback):
+        out = sampling.sample_guided_ddim(denoise, x, sigmas, timesteps=timesteps, guidance=guidance,
+                                          background=background, callback=callback, cancel=bridge.check_interrupt)
+        return sampling.to_vp(out, sigma_last)
+
+    noise = bridge.PresetNoise((x_sigma / float(sigmas[0])).float(), seed)
+    empty = torch.zeros_like(x_sigma)
+    unscaled = bridge.run_guider(guider, noise.generate_noise({}), empty, bridge.guided_ddim_sampler(run_loop),
+                                 sigmas.float(), seed, preview_steps=len(timesteps))
+    return model.model.process_latent_in(unscaled.to(bridge.torch_device(), torch.float32))
+
+
+class PrivacySampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacy_PrivacySampler",
+            display_name="Privacy Sampler",
+            category=CATEGORY,
+            description="Diff-Privacy's guided DDIM: noises the face to the strength's timestep and denoises it "
+                        "with the scheduled conditioning and identity guidance at every step.",
+            inputs=[
+                io.Model.Input("model", tooltip="The same SD1.x MODEL used by MSI Invert."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE (encodes the source, decodes results, and "
+                                            "carries the guidance gradient)."),
+                io.Conditioning.Input("conditioning", tooltip="From Embedding Scheduler."),
+                GuidanceType.Input("guidance", tooltip="From Identity Energy Guidance."),
+                io.Int.Input("steps", default=50, min=2, max=1000,
+                             tooltip="DDIM grid size (paper: 50 anonymize, 100 hide); denoising runs "
+                                     "int(strength·steps) of them."),
+                io.Float.Input("strength", default=0.6, min=0.01, max=1.0, step=0.01,
+                               tooltip="How far the face is noised (paper: 0.6 anonymize → t=601, 0.8 hide → 801)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64,
+                             tooltip="Samples of the one source, each with its own seeded noise (paper: 4 / 1)."),
+                io.Int.Input("seed", default=125, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed (paper: 125 anonymize, 100162 hide)."),
+                io.Int.Input("paste_below_timestep", default=300, min=0, max=1000, step=100,
+                             tooltip="With a background mask: paste the source background back while "
+                                     "⌊t/100⌋ < this/100 (paper: 300)."),
+                io.Image.Input("image", optional=True, tooltip="The aligned source face (or give a LATENT)."),
+                io.Latent.Input("latent", optional=True, tooltip="The source as a LATENT instead of an IMAGE."),
+                io.Mask.Input("background_mask", optional=True,
+                              tooltip="1 = background to keep from the source (e.g. Face Align's mask)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="batch_size protected faces."),
+                io.Latent.Output(display_name="latent"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, conditioning, guidance, steps, strength, batch_size, seed, paste_below_timestep,
+                image=None, latent=None, background_mask=None) -> io.NodeOutput:
+        bridge.load_models(model)
+        if latent is not None:
+            z0 = bridge.comfy_latent_to_scaled(model, latent)[:1]
+        elif image is not None:
+            z0 = bridge.encode_image(vae, model, to_comfy_image(to_model_image(image[:1])))
+        else:
+            raise ValueError("Privacy Sampler needs the source face: connect 'image' (or 'latent').")
+        x, sigmas, timesteps = sampling.img2img_start(z0, steps, strength, batch_size, seed)
+        bound = bind_guidance(guidance, vae, model)
+        background = None
+        if background_mask is not None:
+            mask = mask_to_latent(mask_batch(background_mask)[:1].to(z0.device), tuple(z0.shape[-2:]))
+            background = BackgroundPaste(mask, z0, below_timestep=paste_below_timestep)
+        z = sample_in_comfy(model, conditioning, x, sigmas, timesteps, seed, guidance=bound, background=background,
+                            grad_through_unet=guidance.target == "xt")
+        if guidance.mode == "anonymize" and guidance.max_identity_similarity < 1.0:
+            sims = bound.similarities(z).float().cpu()
+            worst = float(sims.max())
+            if worst > guidance.max_identity_similarity:
+                raise ProtectionFailedError(
+                    f"Protection failed closed: {int((sims > guidance.max_identity_similarity).sum())} of "
+                    f"{len(sims)} results still match the source (cosine {worst:.3f} > "
+                    f"max_identity_similarity {guidance.max_identity_similarity:.2f}); nothing was output. "
+                    "Raise step_scale or strength, or use another seed.")
+        out = bridge.scaled_to_comfy_latent(model, z)
+        images = bridge.decode_to_images(vae, out["samples"])
+        bridge.release_memory()
+        return io.NodeOutput(images, out)
+
+
+class Recover(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacy_Recover",
+            display_name="Recover Original",
+            category=CATEGORY,
+            description="Restores the original face from its keys: DDIM from key-I with the key-E stage "
+                        "conditionings at every step. Needs the same checkpoint the keys were made with.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x MODEL the keys were made with."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
+                PrivacyEmbedsType.Input("embeds", tooltip="key-E from Load Privacy Keys (or MSI Invert)."),
+                io.Latent.Input("key_latent", tooltip="key-I from Load Privacy Keys (or MSI Invert)."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The recovered face.")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, embeds, key_latent) -> io.NodeOutput:
+        bridge.load_models(model)
+        meta = embeds.metadata
+        check_compatible(meta, bridge.model_fingerprint(model))
+        z_T = bridge.comfy_latent_to_scaled(model, key_latent)
+        grid = diffusion.ddim_timesteps(meta.ddim_steps)
+        sigmas = diffusion.sampling_sigmas(grid)
+        x = diffusion.vp_to_sigma_space(z_T, float(sigmas[0]))
+        conditioning = scheduled_conditioning(embeds, None, EmbeddingSchedule.preset("recover"))
+        z0 = sample_in_comfy(model, conditioning, x, sigmas, grid, seed=0)
+        images = bridge.decode_to_images(vae, bridge.scaled_to_comfy_latent(model, z0)["samples"])
+        bridge.release_memory()
+        return io.NodeOutput(images)
+

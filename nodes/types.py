@@ -1,0 +1,47 @@
+"""Custom socket types shared by the pack's nodes and the payloads they carry.
+
+Type names are part of saved workflows: never rename them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from comfy_api.latest import io
+
+from ..core.energies import StepSizeSchedule
+from ..core.keys import KeyMetadata
+from ..core.recognizers import FaceCrop, FaceRecognizer
+
+PrivacyEmbedsType = io.Custom("PRIVACY_EMBEDS")
+GuidanceType = io.Custom("PRIVACY_GUIDANCE")
+RecognizerType = io.Custom("FACE_RECOGNIZER")
+AlignmentType = io.Custom("FACE_ALIGNMENT")
+
+CATEGORY = "Diff-Privacy"
+
+
+@dataclass(frozen=True)
+class PrivacyEmbeds:
+    """key-E: MSI stage tokens [S,D] and stage conditionings [S,77,D] (CPU float32) plus how they were made."""
+
+    stage_tokens: torch.Tensor
+    stage_conds: torch.Tensor
+    metadata: KeyMetadata
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """Everything identity guidance needs except the VAE decoder, which the sampler binds at run time."""
+
+    recognizer: FaceRecognizer
+    crop: FaceCrop
+    source_embedding: torch.Tensor
+    mode: str
+    diversity_weight: float
+    step_size: StepSizeSchedule
+    target: str
+    max_grad_norm: float | None
+    max_identity_similarity: float
+    extra: dict[str, Any] = field(default_factory=dict)
