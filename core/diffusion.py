@@ -23,6 +23,7 @@ BETA_END = 0.012
 LATENT_SCALE = 0.18215
 STAGE_WIDTH = 100
 NUM_STAGES = NUM_TRAIN_TIMESTEPS // STAGE_WIDTH
+MAX_DDIM_STEPS = NUM_TRAIN_TIMESTEPS - 1
 
 
 @lru_cache(maxsize=None)
@@ -75,8 +76,9 @@ def ddim_timesteps(num_steps: int) -> list[int]:
 
     Same as LDM's ``make_ddim_timesteps(uniform)`` + 1 and diffusers' DDIMScheduler(steps_offset=1).
     """
-    if not 1 <= num_steps <= NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"num_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {num_steps}")
+    if not 1 <= num_steps <= MAX_DDIM_STEPS:
+        # 1000 steps would put the offset grid at t = 1000, past the ᾱ table (LDM fails there too)
+        raise ValueError(f"num_steps must be in [1, {MAX_DDIM_STEPS}], got {num_steps}")
     stride = NUM_TRAIN_TIMESTEPS // num_steps
     return [k * stride + 1 for k in range(num_steps)][::-1]
 
