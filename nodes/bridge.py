@@ -404,6 +404,7 @@ class ComfyBackend:
     """
 
     def __init__(self, model, clip, vae, *, trainable: bool = False):
+        self.trainable = trainable
         self.model = grad_ready_model(model) if trainable else model
         self.clip = clip
         self.vae = vae
@@ -420,6 +421,10 @@ class ComfyBackend:
 
     # diffusion
     def predict_eps(self, z_t, t, cond):
+        if self.trainable:
+            # loading the VAE/CLIP under memory pressure can unload the UNet, which drops the weight wrappers
+            # (the weights would then reach autograd as inference tensors); reloading re-applies them
+            load_models(self.model)
         with torch.inference_mode(False):
             sigma = self._sigmas[t.long().to(self.device)].clone()
             scale = (1.0 + sigma ** 2).sqrt().view(-1, 1, 1, 1)

@@ -36,7 +36,7 @@ class MSIInvert(io.ComfyNode):
                              tooltip="Optimisation steps (paper: 6100; lite works with ~1500)."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=1e-6,
                                tooltip="AdamW learning rate; 0 = the mode's default (faithful 1e-4, lite 5e-3)."),
-                io.Int.Input("inversion_steps", default=50, min=2, max=1000,
+                io.Int.Input("inversion_steps", default=50, min=2, max=999,
                              tooltip="DDIM steps of the inversion that makes key-I; recovery uses the same."),
                 io.Int.Input("timesteps_per_step", default=1, min=1, max=64,
                              tooltip="Timesteps drawn per optimisation step (same expected gradient, better "
@@ -69,10 +69,11 @@ class MSIInvert(io.ComfyNode):
         source = to_model_image(image[:1]).to(backend.device)
         vision = bridge.ComfyVisionEncoder(clip_vision) if clip_vision is not None else None
         lr = learning_rate or DEFAULT_LR[mode]
-        result = msi.train_msi(backend, source, mode=mode, steps=steps, lr=lr, seed=seed,
-                               timesteps_per_step=timesteps_per_step, vision=vision,
-                               uint8_quirk=official_uint8_quirk, progress=bridge.progress_bar(steps),
-                               cancel=bridge.check_interrupt)
+        with torch.inference_mode(False):  # MSI's parameters and optimizer state must be normal tensors
+            result = msi.train_msi(backend, source, mode=mode, steps=steps, lr=lr, seed=seed,
+                                   timesteps_per_step=timesteps_per_step, vision=vision,
+                                   uint8_quirk=official_uint8_quirk, progress=bridge.progress_bar(steps),
+                                   cancel=bridge.check_interrupt)
         z0 = backend.encode_image(source)
         z_T = sampling.ddim_invert(backend, z0, result.stage_conds, inversion_steps,
                                    progress=bridge.progress_bar(inversion_steps), cancel=bridge.check_interrupt)

@@ -61,7 +61,7 @@ class PrivacySampler(io.ComfyNode):
                                             "carries the guidance gradient)."),
                 io.Conditioning.Input("conditioning", tooltip="From Embedding Scheduler."),
                 GuidanceType.Input("guidance", tooltip="From Identity Energy Guidance."),
-                io.Int.Input("steps", default=50, min=2, max=1000,
+                io.Int.Input("steps", default=50, min=2, max=999,
                              tooltip="DDIM grid size (paper: 50 anonymize, 100 hide); denoising runs "
                                      "int(strength·steps) of them."),
                 io.Float.Input("strength", default=0.6, min=0.01, max=1.0, step=0.01,

@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+FACENET_CLASSES = 8631  # VGGFace2 identities; the real checkpoint's logits layer has this many rows
+
 DTYPE_NAMES = ("fp16", "bf16", "fp32", "fp8")
 VAE_KINDS = ("taesd", "kl")
 METADATA_KEY = "tiny_sd15"
@@ -183,6 +185,27 @@ def make_checkpoint(comfyui_dir, out_path, seed: int = 0, vae: str = "taesd", dt
     os.replace(partial, out_path)
     return {"output": str(out_path), "bytes": out_path.stat().st_size, "params": counts,
             "tensors": len(state_dict), "seconds": round(time.perf_counter() - start, 2), "options": options}
+
+
+def make_random_facenet(path: Path, seed: int = 0) -> Path:
+    """Save a seeded random InceptionResnetV1 state dict laid out like facenet-pytorch's VGGFace2 file.
+
+    The real file also holds the classifier (``logits.weight`` [8631, 512], ``logits.bias`` [8631]), so the
+    model is built with that head; the global RNG is restored afterwards.
+    """
+    import torch
+    from facenet_pytorch import InceptionResnetV1
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InceptionResnetV1(pretrained=None, classify=True, num_classes=FACENET_CLASSES).eval()
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert state["logits.weight"].shape == (FACENET_CLASSES, 512)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+    return path
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ MODEL_CACHE = Path(os.environ.get("DP_TEST_MODEL_CACHE", REPO_ROOT / ".cache" / 
 PACK_DIR_NAME = "diff_privacy"
 CHECKPOINT_NAME = "tiny_sd15.safetensors"
 FACENET_FILE_NAME = "20180402-114759-vggface2.pt"
-FACENET_CLASSES = 8631  # VGGFace2 identities; the real checkpoint's logits layer has this many rows
+FACENET_CLASSES = make_tiny_sd15.FACENET_CLASSES
 SERVER_START_TIMEOUT_S = float(os.environ.get("DP_SERVER_START_TIMEOUT", "180"))
 SETUP_HINT = "run 'bash scripts/setup_env.sh' (or 'bash scripts/test.sh') and export DP_COMFYUI_DIR"
 
@@ -119,27 +119,6 @@ def tiny_checkpoint(make_tiny_checkpoint) -> Path:
     return make_tiny_checkpoint()
 
 
-def write_random_facenet(path: Path, seed: int = 0) -> Path:
-    """Save a seeded random InceptionResnetV1 state dict laid out like facenet-pytorch's VGGFace2 file.
-
-    The real file also holds the classifier (``logits.weight`` [8631, 512], ``logits.bias`` [8631]), so the
-    model is built with that head; the global RNG is restored afterwards.
-    """
-    import torch
-    from facenet_pytorch import InceptionResnetV1
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = InceptionResnetV1(pretrained=None, classify=True, num_classes=FACENET_CLASSES).eval()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    assert state["logits.weight"].shape == (FACENET_CLASSES, 512)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".{os.getpid()}.partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def facenet_checkpoint() -> Path:
     """Path of the cached random-weight FaceNet state dict (seed 0)."""
@@ -152,7 +131,7 @@ def facenet_checkpoint() -> Path:
     key = _cache_key({"seed": 0, "facenet_pytorch": version, "classes": FACENET_CLASSES})
     path = MODEL_CACHE / f"facenet-vggface2-random-{key}.pt"
     if not path.is_file():
-        write_random_facenet(path, seed=0)
+        make_tiny_sd15.make_random_facenet(path, seed=0)
     return path
 
 

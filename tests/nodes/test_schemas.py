@@ -1,0 +1,64 @@
+"""Frozen node interface: ids, display names, one category, a tooltip on every input, input names in order.
+
+Saved workflows refer to nodes by id and map widget values by position: changing anything here breaks
+users' files. Change this list only together with a node-replacement/migration plan.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.comfyui
+
+FROZEN = {
+    "DiffPrivacy_FaceAlign": ("Face Align", ["image", "size", "min_confidence"]),
+    "DiffPrivacy_MSIInvert": ("MSI Invert", ["model", "clip", "vae", "image", "mode", "steps", "learning_rate",
+                                             "inversion_steps", "timesteps_per_step", "seed",
+                                             "official_uint8_quirk", "clip_vision"]),
+    "DiffPrivacy_EmbeddingScheduler": ("Embedding Scheduler", ["embeds", "null_conditioning", "task",
+                                                               "switch_timestep"]),
+    "DiffPrivacy_FaceRecognizerLoader": ("Face Recognizer Loader", ["recognizer_name", "kind"]),
+    "DiffPrivacy_IdentityEnergyGuidance": ("Identity Energy Guidance", [
+        "recognizer", "source", "mode", "step_schedule", "step_scale", "diversity_weight", "crop",
+        "gradient_target", "max_grad_norm", "max_identity_similarity", "model", "vae", "conditioning"]),
+    "DiffPrivacy_PrivacySampler": ("Privacy Sampler", ["model", "vae", "conditioning", "guidance", "steps",
+                                                       "strength", "batch_size", "seed", "paste_below_timestep",
+                                                       "image", "latent", "background_mask"]),
+    "DiffPrivacy_FacePasteBack": ("Face Paste Back", ["faces", "alignment", "feather"]),
+    "DiffPrivacy_SaveKeys": ("Save Privacy Keys", ["embeds", "key_latent", "filename_prefix", "passphrase",
+                                                   "allow_plaintext"]),
+    "DiffPrivacy_LoadKeys": ("Load Privacy Keys", ["key_file", "passphrase"]),
+    "DiffPrivacy_Recover": ("Recover Original", ["model", "vae", "embeds", "key_latent"]),
+}
+
+
+@pytest.fixture(scope="module")
+def infos(comfy_inprocess):
+    assert not comfy_inprocess.failed_custom_nodes
+    classes = comfy_inprocess.node_classes
+    ours = {k for k in classes if k.startswith("DiffPrivacy_")}
+    assert ours == set(FROZEN), f"node ids changed: {sorted(ours ^ set(FROZEN))}"
+    return {k: classes[k].GET_NODE_INFO_V1() for k in FROZEN}
+
+
+@pytest.mark.parametrize("node_id", sorted(FROZEN))
+def test_frozen_interface(infos, node_id):
+    info = infos[node_id]
+    display_name, inputs = FROZEN[node_id]
+    assert info["display_name"] == display_name
+    order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
+    assert order == inputs
+
+
+def test_one_category_and_tooltips_everywhere(infos):
+    assert {info["category"] for info in infos.values()} == {"Diff-Privacy"}
+    for node_id, info in infos.items():
+        assert info["description"], node_id
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_passphrase_defaults_read_the_environment(infos):
+    for node_id in ("DiffPrivacy_SaveKeys", "DiffPrivacy_LoadKeys"):
+        assert infos[node_id]["input"]["required"]["passphrase"][1]["default"] == "env:DIFF_PRIVACY_PASSPHRASE"
