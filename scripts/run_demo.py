@@ -29,18 +29,19 @@ sys.path.insert(0, str(REPO / "scripts"))
 import comfyui_env  # noqa: E402
 import make_tiny_sd15  # noqa: E402
 
-FALLBACK_BANNER = """
-################################################################################################
-#  NO REAL {what} GIVEN: using GENERATED RANDOM WEIGHTS instead.                                #
-#  The whole pipeline runs for real, but the output pictures are noise, not protected faces.  #
-#  Pass --checkpoint (an SD1.5 .safetensors) and --facenet (20180402-114759-vggface2.pt)       #
-#  for real results.                                                                            #
-################################################################################################
-"""
+BANNER_LINES = (
+    "NO REAL {what} GIVEN: using GENERATED RANDOM WEIGHTS instead.",
+    "The whole pipeline runs for real, but the output pictures are noise, not protected faces.",
+    "Pass --checkpoint (an SD1.5 .safetensors) and --facenet (20180402-114759-vggface2.pt) for real results.",
+)
 
 
 def loud(what: str) -> None:
-    print(FALLBACK_BANNER.replace("{what}", what.upper().ljust(12)), file=sys.stderr, flush=True)
+    lines = [line.replace("{what}", what.upper()) for line in BANNER_LINES]
+    width = max(map(len, lines)) + 4
+    bar = "#" * (width + 2)
+    body = "\n".join(f"# {line.ljust(width - 2)} #" for line in lines)
+    print(f"\n{bar}\n{body}\n{bar}\n", file=sys.stderr, flush=True)
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 30) -> dict:
