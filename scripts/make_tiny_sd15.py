@@ -191,14 +191,30 @@ def make_random_facenet(path: Path, seed: int = 0) -> Path:
     """Save a seeded random InceptionResnetV1 state dict laid out like facenet-pytorch's VGGFace2 file.
 
     The real file also holds the classifier (``logits.weight`` [8631, 512], ``logits.bias`` [8631]), so the
-    model is built with that head; the global RNG is restored afterwards.
+    model is built with that head; the global RNG is restored afterwards. The BatchNorm statistics are set
+    from seeded smooth-noise images (no real photo): with the default statistics a random network maps every
+    image to almost the same embedding (cosine ≈ 0.9999), which makes identity energies meaningless in tests.
     """
     import torch
+    import torch.nn.functional as F
     from facenet_pytorch import InceptionResnetV1
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = InceptionResnetV1(pretrained=None, classify=True, num_classes=FACENET_CLASSES).eval()
+        model = InceptionResnetV1(pretrained=None, classify=True, num_classes=FACENET_CLASSES)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        model.classify = False
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for _ in range(4):
+                coarse = torch.randn(16, 3, 10, 10, generator=generator)
+                model(torch.tanh(F.interpolate(coarse, size=(160, 160), mode="bicubic", align_corners=False)))
+        model.classify = True
+        model.eval()
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     assert state["logits.weight"].shape == (FACENET_CLASSES, 512)
     path.parent.mkdir(parents=True, exist_ok=True)

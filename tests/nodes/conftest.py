@@ -128,7 +128,8 @@ def facenet_checkpoint() -> Path:
     if version is None:
         from importlib.metadata import version as dist_version
         version = dist_version("facenet-pytorch")
-    key = _cache_key({"seed": 0, "facenet_pytorch": version, "classes": FACENET_CLASSES})
+    key = _cache_key({"seed": 0, "facenet_pytorch": version, "classes": FACENET_CLASSES,
+                      "generator": _file_digest(Path(make_tiny_sd15.__file__))})
     path = MODEL_CACHE / f"facenet-vggface2-random-{key}.pt"
     if not path.is_file():
         make_tiny_sd15.make_random_facenet(path, seed=0)

@@ -82,6 +82,7 @@ def _mean_similarity(comfy, judge, task: str, step_scale: float) -> float:
 def test_guidance_moves_similarity(comfy_inprocess, judge, task, sign):
     unguided = _mean_similarity(comfy_inprocess, judge, task, 0.0)
     guided = _mean_similarity(comfy_inprocess, judge, task, STEP_SCALE)
-    # random FaceNet weights map every image to nearly the same embedding (cosines ≈ 0.9999), so the shift is
-    # small (≈1e-6 at STEP_SCALE); the runs are deterministic and the test checks its sign
-    assert sign * (guided - unguided) > 0.0, (task, unguided, guided)
+    # measured with the seeded test models: anonymize 0.411 → 0.406, hide 0.378 → 0.386 (the random TAESD
+    # decoder passes only a weak gradient, hence STEP_SCALE); deterministic, so a margin of 1e-3 is safe
+    print(f"{task}: mean cosine to source unguided {unguided:.4f}, guided {guided:.4f}")
+    assert sign * (guided - unguided) > 1e-3, (task, unguided, guided)
