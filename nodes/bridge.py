@@ -411,6 +411,9 @@ class ComfyBackend:
         load_models(self.model)
         self.device = torch_device()
         self.base = self.model.model
+        # ComfyUI never trains the base model but leaves requires_grad on; with autograd on (MSI) that would
+        # make every UNet weight a gradient target (and save the inference-mode conditioning for backward)
+        self.base.requires_grad_(False)
         self.ms = model_sampling(self.model)
         self.token_dim = int(self.base.diffusion_model.context_dim if hasattr(self.base.diffusion_model, "context_dim") else 768)
         self._decoder = None
@@ -421,16 +424,20 @@ class ComfyBackend:
 
     # diffusion
     def predict_eps(self, z_t, t, cond):
-        if self.trainable:
-            # loading the VAE/CLIP under memory pressure can unload the UNet, which drops the weight wrappers
-            # (the weights would then reach autograd as inference tensors); reloading re-applies them
-            load_models(self.model)
+        if not self.trainable:  # plain inference: stay in the caller's (inference) mode
+            return self._eps(z_t, t, cond)
+        # loading the VAE/CLIP under memory pressure can unload the UNet, which drops the weight wrappers
+        # (the weights would then reach autograd as inference tensors); reloading re-applies them
+        load_models(self.model)
         with torch.inference_mode(False):
-            sigma = self._sigmas[t.long().to(self.device)].clone()
-            scale = (1.0 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
-            x_sigma = z_t * scale
-            x0 = self.base.apply_model(x_sigma, sigma, c_crossattn=cond)
-            return ((x_sigma - x0.float()) / sigma.view(-1, 1, 1, 1)).float()
+            return self._eps(z_t, t, cond)
+
+    def _eps(self, z_t, t, cond):
+        sigma = self._sigmas[t.long().to(self.device)].clone()
+        scale = (1.0 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
+        x_sigma = z_t * scale
+        x0 = self.base.apply_model(x_sigma, sigma, c_crossattn=cond)
+        return ((x_sigma - x0.float()) / sigma.view(-1, 1, 1, 1)).float()
 
     def encode_image(self, image):
         bhwc = ((image.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
