@@ -1,0 +1,598 @@
+"""Stable Diffusion 1.x from a single-file checkpoint through diffusers + transformers (no hub, no ComfyUI).
+
+``DiffusersBackend`` implements :class:`core.backend.DiffusionBackend` for an LDM/CompVis-layout checkpoint
+(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``): the UNet and KL-VAE
+configs are read off the checkpoint's own tensor shapes, the text encoder is CLIP ViT-L/14 (or a caller-given
+config) and every module is built from configs written here, so nothing is fetched from anywhere. Keys are
+converted with diffusers' public ``single_file_utils`` helpers; the TAESD layout
+(``first_stage_model.taesd_encoder.*`` / ``taesd_decoder.*``, what ComfyUI loads as a tiny VAE) is mapped onto
+diffusers' ``AutoencoderTiny`` here.
+
+``ClipVisionEncoder`` implements :class:`core.backend.VisionEncoder`: the CLIP ViT-L/14 vision tower from a
+local HF-layout file (``vision_model.*``, the layout of ComfyUI's ``models/clip_vision`` ViT-L files).
+
+Outputs are float32 whatever the compute dtype (float64 stays float64, for finite-difference checks).
+
+Latent convention (see core/backend.py): latents are *scaled* latents z = 0.18215 · u, where u is the KL VAE's
+posterior mean. For TAESD the same model-space z is produced, with ComfyUI's reading of a TAESD checkpoint:
+u = taesd_encoder(x) / vae_scale + vae_shift (``vae_scale``/``vae_shift`` stored in the file). A genuine
+SD1 TAESD stores vae_scale = 0.18215, vae_shift = 0, so z is exactly the TAESD encoder output (TAESD is
+trained to emit scaled latents); that is also what we assume when a file carries no ``vae_scale``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .diffusion import LATENT_SCALE
+from .errors import IncompatibleWeightsError, InvalidImageError, WeightsNotFoundError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = ("cond_stage_model.transformer.",)
+SEQ_LEN = 77
+PLACEHOLDER = "*"
+
+#: CLIP ViT-L/14 text tower of SD1.x (openai/clip-vit-large-patch14, text side).
+SD1_TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=SEQ_LEN, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+
+#: CLIP ViT-L/14 vision tower (openai/clip-vit-large-patch14, vision side).
+VIT_L14_VISION_CONFIG: dict[str, Any] = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+    image_size=224, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+)
+
+#: SD1.x UNet: 8 attention heads at every level (diffusers' ``attention_head_dim`` = heads for SD1).
+SD1_UNET_HEADS = 8
+
+#: UNet tensors (LDM names, no prefix) hashed by :func:`unet_fingerprint`; the first cross-attention key
+#: projection is added to them (it is what ties the denoiser to its text encoder).
+FINGERPRINT_KEYS = ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight")
+
+
+# ------------------------------------------------------------------------------------------- file loading
+def load_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a single-file checkpoint into a flat ``{name: tensor}`` dict on the CPU, never unpickling code.
+
+    ``.safetensors`` through safetensors; ``.ckpt``/``.pt``/``.pth``/``.bin`` through
+    ``torch.load(weights_only=True)``; a nested ``"state_dict"`` (Lightning checkpoints) is unwrapped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsNotFoundError(
+            f"Checkpoint file not found: {path!r}. Put the SD1.x .safetensors/.ckpt file there or pass its path.")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(path, device="cpu"))
+    if ext in (".ckpt", ".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # an unpickling refusal or a damaged file
+            raise IncompatibleWeightsError(
+                f"{path!r} cannot be read as a plain tensor checkpoint ({exc}). Convert it to .safetensors.") from exc
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise IncompatibleWeightsError(f"{path!r} does not hold a state dict (found {type(obj).__name__}).")
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    raise IncompatibleWeightsError(
+        f"Unsupported checkpoint extension {ext!r} for {path!r}: use .safetensors (or .ckpt).")
+
+
+def split_checkpoint(sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """Split a single-file SD checkpoint into (unet, vae, text) dicts with their LDM prefixes removed."""
+    unet = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    vae = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    text: dict[str, torch.Tensor] = {}
+    for prefix in TEXT_PREFIXES:
+        text.update({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    return unet, vae, text
+
+
+# ------------------------------------------------------------------------------------------- UNet config
+def _count_indices(keys: Sequence[str], pattern: str) -> int:
+    """1 + the largest integer captured by ``pattern`` (a regex with one group) among keys; 0 if none."""
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def unet_config_from_ldm(unet_sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """diffusers ``UNet2DConditionModel`` config for an SD1.x-family LDM UNet, read off its tensor shapes.
+
+    Handles the standard SD1.x layout and reduced ones (fewer levels or res blocks, no middle block,
+    transformers only in some blocks), as long as every level has the same number of res blocks and each
+    level's blocks either all carry a transformer or none does (what diffusers' block types can express).
+    Heads are fixed to SD1.x's 8 (head count is not recoverable from weights).
+    """
+    keys = list(unet_sd)
+    if "input_blocks.0.0.weight" not in unet_sd or "out.2.weight" not in unet_sd:
+        raise IncompatibleWeightsError("No SD UNet found (expected 'model.diffusion_model.input_blocks.0.0.weight').")
+    if any(k.startswith("label_emb.") for k in keys):
+        raise IncompatibleWeightsError("This UNet has class/ADM embeddings (SDXL or an upscaler), not SD1.x.")
+    conv_in = unet_sd["input_blocks.0.0.weight"]
+    model_channels, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
+    out_channels = int(unet_sd["out.2.weight"].shape[0])
+
+    def depth(block: str) -> int:
+        return _count_indices(keys, rf"{re.escape(block)}\.transformer_blocks\.(\d+)\.")
+
+    # Walk the input blocks: a downsample op closes a level.
+    n_in = _count_indices(keys, r"input_blocks\.(\d+)\.")
+    levels: list[dict[str, Any]] = [dict(res=0, ch=model_channels, depths=[])]
+    for i in range(1, n_in):
+        if f"input_blocks.{i}.0.op.weight" in unet_sd:
+            levels.append(dict(res=0, ch=None, depths=[]))
+            continue
+        conv2 = unet_sd.get(f"input_blocks.{i}.0.out_layers.3.weight")
+        if conv2 is None:
+            raise IncompatibleWeightsError(f"Unrecognised UNet input block {i}.")
+        lvl = levels[-1]
+        lvl["res"] += 1
+        lvl["ch"] = int(conv2.shape[0])
+        lvl["depths"].append(depth(f"input_blocks.{i}.1"))
+    res_counts = {lvl["res"] for lvl in levels}
+    if len(res_counts) != 1 or 0 in res_counts:
+        raise IncompatibleWeightsError(f"UNet levels have differing res-block counts {sorted(res_counts)}.")
+    layers_per_block = res_counts.pop()
+
+    down_types, down_depths = [], []
+    for lvl in levels:
+        d = set(lvl["depths"])
+        if len(d) != 1:
+            raise IncompatibleWeightsError("A UNet level mixes blocks with and without transformers.")
+        d0 = d.pop()
+        down_types.append("CrossAttnDownBlock2D" if d0 else "DownBlock2D")
+        down_depths.append(d0)
+
+    up_types, up_depths = [], []
+    per_up = layers_per_block + 1
+    for u in range(len(levels)):
+        d = {depth(f"output_blocks.{u * per_up + j}.1") for j in range(per_up)}
+        if len(d) != 1:
+            raise IncompatibleWeightsError("A UNet output level mixes blocks with and without transformers.")
+        d0 = d.pop()
+        up_types.append("CrossAttnUpBlock2D" if d0 else "UpBlock2D")
+        up_depths.append(d0)
+    if _count_indices(keys, r"output_blocks\.(\d+)\.") != per_up * len(levels):
+        raise IncompatibleWeightsError("UNet output blocks do not mirror the input blocks.")
+
+    has_mid = any(k.startswith("middle_block.") for k in keys)
+    mid_depth = depth("middle_block.1") if has_mid else 0
+    if has_mid and not mid_depth:
+        raise IncompatibleWeightsError("UNet middle block without a transformer is not an SD1.x layout.")
+    # diffusers takes the middle block's depth from the last level's entry; a level without attention
+    # ignores its entry, so the last entry can carry the middle depth in the SD1 layout.
+    if has_mid and down_depths[-1] and down_depths[-1] != mid_depth:
+        raise IncompatibleWeightsError("UNet middle-block depth differs from the deepest level's depth.")
+    down_layers = [d or 1 for d in down_depths]
+    if has_mid and not down_depths[-1]:
+        down_layers[-1] = mid_depth
+
+    proj_in = next((unet_sd[k] for k in keys if k.endswith(".proj_in.weight")), None)
+    attn_k = next((unet_sd[k] for k in sorted(keys) if k.endswith("attn2.to_k.weight")), None)
+    if attn_k is None:
+        raise IncompatibleWeightsError("UNet has no cross-attention: it cannot be text conditioned.")
+    return dict(
+        sample_size=64,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=tuple(down_types),
+        up_block_types=tuple(up_types),
+        mid_block_type="UNetMidBlock2DCrossAttn" if has_mid else None,
+        block_out_channels=tuple(lvl["ch"] for lvl in levels),
+        layers_per_block=layers_per_block,
+        transformer_layers_per_block=down_layers,
+        reverse_transformer_layers_per_block=[d or 1 for d in up_depths],
+        cross_attention_dim=int(attn_k.shape[1]),
+        attention_head_dim=SD1_UNET_HEADS,
+        use_linear_projection=bool(proj_in is not None and proj_in.ndim == 2),
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        norm_num_groups=32,
+    )
+
+
+def kl_vae_config_from_ldm(vae_sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """diffusers ``AutoencoderKL`` config for an LDM KL autoencoder, read off its shapes (SD1: 128·[1,2,4,4])."""
+    keys = list(vae_sd)
+    n_levels = _count_indices(keys, r"encoder\.down\.(\d+)\.")
+    n_res = _count_indices(keys, r"encoder\.down\.0\.block\.(\d+)\.")
+    chans = tuple(int(vae_sd[f"encoder.down.{i}.block.{n_res - 1}.conv2.weight"].shape[0]) for i in range(n_levels))
+    return dict(
+        in_channels=int(vae_sd["encoder.conv_in.weight"].shape[1]),
+        out_channels=int(vae_sd["decoder.conv_out.weight"].shape[0]),
+        down_block_types=("DownEncoderBlock2D",) * n_levels,
+        up_block_types=("UpDecoderBlock2D",) * n_levels,
+        block_out_channels=chans,
+        layers_per_block=n_res,
+        latent_channels=int(vae_sd["decoder.conv_in.weight"].shape[1]),
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=LATENT_SCALE,
+        use_quant_conv="quant_conv.weight" in vae_sd,
+        use_post_quant_conv="post_quant_conv.weight" in vae_sd,
+        mid_block_add_attention="encoder.mid.attn_1.q.weight" in vae_sd,
+    )
+
+
+def taesd_to_diffusers(vae_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI TAESD names → diffusers ``AutoencoderTiny`` names.
+
+    ``taesd_encoder.{i}.*`` → ``encoder.layers.{i}.*``; ``taesd_decoder.{i}.*`` → ``decoder.layers.{i-1}.*``
+    (ComfyUI's decoder Sequential starts with a parameter-free Clamp that diffusers applies in forward()).
+    """
+    out = {}
+    for k, v in vae_sd.items():
+        m = re.match(r"taesd_(encoder|decoder)\.(\d+)\.(.*)", k)
+        if m is None:
+            continue
+        part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+        out[f"{part}.layers.{idx - (part == 'decoder')}.{rest}"] = v
+    return out
+
+
+def strip_text_prefix(text_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF CLIP text names (``text_model.*`` or bare) → transformers-5 ``CLIPTextModel`` names (no prefix)."""
+    out = {}
+    for k, v in text_sd.items():
+        name = k[len("text_model."):] if k.startswith("text_model.") else k
+        if name.endswith("position_ids") or name.startswith("text_projection") or name == "logit_scale":
+            continue  # a non-persistent buffer in transformers 5 / a projection SD1 does not use
+        out[name] = v
+    return out
+
+
+def _load_module(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """Strict load that turns a mismatch into an IncompatibleWeightsError naming a few offending keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or wrong:
+        raise IncompatibleWeightsError(
+            f"The {what} weights do not match the expected architecture: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}, wrong shape {wrong[:4]} ({len(missing)}/{len(unexpected)}/{len(wrong)}).")
+    module.load_state_dict(dict(sd), strict=True)
+
+
+def _build(ctor, sd: Mapping[str, torch.Tensor], what: str, device, dtype) -> nn.Module:
+    """Build a module (its random init skipped by building on the meta device), load weights, freeze it."""
+    with torch.device("meta"):
+        module = ctor()
+    # nn.Module.to: diffusers' own .to() warns about fp32-pinned modules, which SD1 models do not have.
+    nn.Module.to(module, dtype=dtype)
+    module = module.to_empty(device=device)
+    _reset_nonpersistent_buffers(module)
+    _load_module(module, sd, what)  # copy_ casts the stored dtype to the module's
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _reset_nonpersistent_buffers(module: nn.Module) -> None:
+    """Recreate the buffers that ``to_empty`` left uninitialised and no checkpoint carries (CLIP position ids)."""
+    for sub in module.modules():
+        for name, buf in list(sub._buffers.items()):
+            if name in sub._non_persistent_buffers_set and buf is not None:
+                if name == "position_ids":
+                    sub._buffers[name] = torch.arange(buf.shape[-1], device=buf.device).expand(buf.shape).clone()
+                else:
+                    raise IncompatibleWeightsError(f"Cannot initialise buffer {name!r} of {type(sub).__name__}.")
+
+
+# ------------------------------------------------------------------------------------------- fingerprint
+def unet_fingerprint(unet_sd: Mapping[str, torch.Tensor]) -> str:
+    """Short sha256 (16 hex) over a few UNet tensors given by their LDM names (no ``model.diffusion_model.``).
+
+    Hashes name, shape and the values rounded to float16 (so a model stored in fp32 or fp16, loaded at any
+    compute dtype, gives the same id). The ComfyUI bridge can call it with ``diffusion_model.state_dict()``.
+    """
+    names = list(FINGERPRINT_KEYS)
+    attn = sorted(k for k in unet_sd if k.endswith("attn2.to_k.weight"))
+    names += attn[:1]
+    h = hashlib.sha256()
+    for name in names:
+        if name not in unet_sd:
+            raise IncompatibleWeightsError(f"UNet tensor {name!r} missing: cannot fingerprint the model.")
+        t = unet_sd[name].detach().to(device="cpu", dtype=torch.float16).contiguous()
+        h.update(name.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- text helpers
+def load_clip_tokenizer(tokenizer_dir: str | os.PathLike):
+    """``CLIPTokenizer`` from a local folder holding vocab.json + merges.txt (e.g. ComfyUI's comfy/sd1_tokenizer)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer_dir = os.fspath(tokenizer_dir)
+    for name in ("vocab.json", "merges.txt"):
+        if not os.path.isfile(os.path.join(tokenizer_dir, name)):
+            raise WeightsNotFoundError(
+                f"CLIP tokenizer file {name!r} not found in {tokenizer_dir!r}. Point tokenizer_dir at a folder with "
+                "vocab.json and merges.txt, e.g. <ComfyUI>/comfy/sd1_tokenizer.")
+    return CLIPTokenizer(os.path.join(tokenizer_dir, "vocab.json"), os.path.join(tokenizer_dir, "merges.txt"))
+
+
+def causal_mask(seq_len: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive causal attention mask [1, 1, L, L]: 0 on and below the diagonal, dtype-min above."""
+    upper = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+    mask = torch.zeros(seq_len, seq_len, dtype=dtype, device=device)
+    return mask.masked_fill(upper, torch.finfo(dtype).min)[None, None]
+
+
+# ------------------------------------------------------------------------------------------- backend
+def _output(x: torch.Tensor) -> torch.Tensor:
+    """Results leave the backend as float32, or float64 when computed in float64 (for gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class DiffusersBackend:
+    """SD1.x denoiser, VAE and CLIP text encoder behind the DiffusionBackend protocol (all weights frozen)."""
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_model: nn.Module, tokenizer, *, vae_kind: str,
+                 device, dtype: torch.dtype, vae_dtype: torch.dtype, fingerprint: str,
+                 taesd_scale: float = LATENT_SCALE, taesd_shift: float = 0.0):
+        self.unet, self.vae, self.text_model, self.tokenizer = unet, vae, text_model, tokenizer
+        self.vae_kind = vae_kind
+        self.device = torch.device(device)
+        self.dtype, self.vae_dtype = dtype, vae_dtype
+        self.text_dtype = next(text_model.parameters()).dtype
+        self.token_dim = int(text_model.config.hidden_size)
+        self._fingerprint = fingerprint
+        self._taesd_scale, self._taesd_shift = float(taesd_scale), float(taesd_shift)
+        self._null: torch.Tensor | None = None
+        self._gradient_checkpointing = False
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._star_ids = self._tokenize(PLACEHOLDER)
+        if int((self._star_ids == self.tokenizer.eos_token_id).int().argmax()) != 2:
+            raise IncompatibleWeightsError(f"The tokenizer splits {PLACEHOLDER!r} into several tokens.")
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_single_file(cls, checkpoint_path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike,
+                         device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+                         text_config: Mapping[str, Any] | None = None) -> "DiffusersBackend":
+        """Load an SD1.x single-file checkpoint (LDM key layout) with KL or TAESD VAE.
+
+        ``dtype`` is the UNet and text-encoder compute dtype, ``vae_dtype`` the VAE's (default ``dtype``).
+        ``text_config`` overrides entries of :data:`SD1_TEXT_CONFIG` (tests use a 2-layer text encoder).
+        """
+        tokenizer = load_clip_tokenizer(tokenizer_dir)
+        sd = load_checkpoint_tensors(checkpoint_path)
+        return cls.from_state_dict(sd, tokenizer=tokenizer, device=device, dtype=dtype, vae_dtype=vae_dtype,
+                                   text_config=text_config, source=os.fspath(checkpoint_path))
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], *, tokenizer, device="cpu",
+                        dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+                        text_config: Mapping[str, Any] | None = None, source: str = "state dict"
+                        ) -> "DiffusersBackend":
+        """Same as :meth:`from_single_file` for an in-memory single-file state dict."""
+        from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_unet_checkpoint,
+            convert_ldm_vae_checkpoint,
+        )
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        vae_dtype = dtype if vae_dtype is None else vae_dtype
+        unet_sd, vae_sd, text_sd = split_checkpoint(sd)
+        if not unet_sd:
+            raise IncompatibleWeightsError(f"{source} has no '{UNET_PREFIX}*' tensors: not an SD1.x single-file model.")
+        if not vae_sd:
+            raise IncompatibleWeightsError(f"{source} has no VAE ('{VAE_PREFIX}*'); merge one into the checkpoint.")
+        if not text_sd:
+            raise IncompatibleWeightsError(f"{source} has no CLIP text encoder ('{TEXT_PREFIXES[0]}*').")
+
+        unet_cfg = unet_config_from_ldm(unet_sd)
+        if unet_cfg["in_channels"] != 4 or unet_cfg["out_channels"] != 4:
+            raise IncompatibleWeightsError(
+                f"{source}: UNet takes {unet_cfg['in_channels']} latent channels (an inpainting or edit model?); "
+                "use a plain SD1.x text-to-image checkpoint.")
+        unet_diff = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in unet_sd.items()}, unet_cfg)
+        unet = _build(lambda: UNet2DConditionModel(**unet_cfg), unet_diff, "UNet", device, dtype)
+
+        if "taesd_decoder.1.weight" in vae_sd:
+            latent_ch = int(vae_sd["taesd_decoder.1.weight"].shape[1])
+            vae = _build(lambda: AutoencoderTiny(latent_channels=latent_ch), taesd_to_diffusers(vae_sd),
+                         "TAESD VAE", device, vae_dtype)
+            vae_kind = "taesd"
+            scale = float(vae_sd["vae_scale"]) if "vae_scale" in vae_sd else LATENT_SCALE
+            shift = float(vae_sd["vae_shift"]) if "vae_shift" in vae_sd else 0.0
+        elif "encoder.conv_in.weight" in vae_sd:
+            try:
+                vae_cfg = kl_vae_config_from_ldm(vae_sd)
+            except KeyError as exc:
+                raise IncompatibleWeightsError(f"{source}: incomplete KL VAE (missing {exc}).") from exc
+            vae_diff = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae_sd.items()}, vae_cfg)
+            vae = _build(lambda: AutoencoderKL(**vae_cfg), vae_diff, "KL VAE", device, vae_dtype)
+            vae_kind, scale, shift = "kl", LATENT_SCALE, 0.0
+        else:
+            raise IncompatibleWeightsError(f"{source}: the VAE is neither an LDM KL autoencoder nor TAESD.")
+
+        cfg = dict(SD1_TEXT_CONFIG)
+        cfg.update(text_config or {})
+        text_cfg = CLIPTextConfig(**cfg)
+        text_cfg._attn_implementation = "sdpa"
+        text = _build(lambda: CLIPTextModel(text_cfg), strip_text_prefix(text_sd), "CLIP text encoder", device, dtype)
+        if int(unet_cfg["cross_attention_dim"]) != text_cfg.hidden_size:
+            raise IncompatibleWeightsError(
+                f"UNet context width {unet_cfg['cross_attention_dim']} != text width {text_cfg.hidden_size}.")
+
+        return cls(unet, vae, text, tokenizer, vae_kind=vae_kind, device=device, dtype=dtype, vae_dtype=vae_dtype,
+                   fingerprint=unet_fingerprint(unet_sd), taesd_scale=scale, taesd_shift=shift)
+
+    # ---------------------------------------------------------------- denoiser
+    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """ε̂ [B,4,h,w] float32 for VP latents z_t at integer timesteps t [B] under cond [B,77,D]; computed in
+        ``self.dtype`` (or an enclosing autocast), differentiable w.r.t. z_t and cond."""
+        if z_t.dim() != 4:
+            raise InvalidImageError(f"z_t must be [B,4,h,w], got {tuple(z_t.shape)}")
+        t = torch.as_tensor(t, device=self.device).long().reshape(-1)
+        if t.numel() == 1 and z_t.shape[0] > 1:
+            t = t.expand(z_t.shape[0])
+        if cond.shape[0] == 1 and z_t.shape[0] > 1:
+            cond = cond.expand(z_t.shape[0], -1, -1)
+        out = self.unet(z_t.to(self.device, self.dtype), t, encoder_hidden_states=cond.to(self.device, self.dtype),
+                        return_dict=False)[0]
+        return _output(out)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Toggle activation checkpointing in the UNet (memory for compute when backpropagating into cond)."""
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+        self._gradient_checkpointing = bool(enabled)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self._gradient_checkpointing
+
+    def model_fingerprint(self) -> str:
+        """Short stable hash of the UNet weights (see :func:`unet_fingerprint`)."""
+        return self._fingerprint
+
+    # ---------------------------------------------------------------- VAE
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Scaled latent z = 0.18215 · VAE posterior mean of image [B,3,H,W] in [−1,1] → [B,4,H/8,W/8] float32.
+
+        TAESD: z = 0.18215 · (encoder(x) / vae_scale + vae_shift), i.e. the encoder output itself for a
+        genuine TAESD (vae_scale = 0.18215, shift 0).
+        """
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise InvalidImageError(f"image must be [B,3,H,W], got {tuple(image.shape)}")
+        if image.shape[-1] % 8 or image.shape[-2] % 8:
+            raise InvalidImageError(f"image height and width must be multiples of 8, got {tuple(image.shape[-2:])}")
+        x = image.to(self.device, self.vae_dtype)
+        if self.vae_kind == "taesd":
+            raw = _output(self.vae.encoder(x))
+            return LATENT_SCALE * (raw / self._taesd_scale + self._taesd_shift)
+        return _output(self.vae.encode(x).latent_dist.mean) * LATENT_SCALE
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Differentiable decode of scaled latents [B,4,h,w] → image [B,3,8h,8w] float32, ≈[−1,1], unclamped."""
+        u = _output(z.to(self.device)) / LATENT_SCALE
+        if self.vae_kind == "taesd":
+            raw = (u - self._taesd_shift) * self._taesd_scale
+            return _output(self.vae.decoder(raw.to(self.vae_dtype)))
+        return _output(self.vae.decode(u.to(self.vae_dtype), return_dict=False)[0])
+
+    # ---------------------------------------------------------------- text
+    def _tokenize(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, padding="max_length", max_length=SEQ_LEN, truncation=True,
+                             return_tensors="pt")["input_ids"]
+        return ids.to(self.device)
+
+    def _encode_input_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B,77,D] → conditioning [B,77,D] float32: + positions, causal transformer, final LN."""
+        tm = self.text_model
+        h = tm.embeddings(inputs_embeds=embeds.to(self.text_dtype))
+        key = (h.shape[1], h.dtype, h.device)
+        if key not in self._masks:
+            self._masks[key] = causal_mask(*key)
+        mask = self._masks[key]
+        h = tm.encoder(inputs_embeds=h, attention_mask=mask).last_hidden_state
+        return _output(tm.final_layer_norm(h))
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        """Conditioning [1,77,D] float32 of a plain prompt (no grad)."""
+        with torch.no_grad():
+            return self._encode_input_embeds(self.text_model.embeddings.token_embedding(self._tokenize(text)))
+
+    def encode_stage_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Conditioning of ``"*"`` with the ``*`` input embedding (position 1) replaced by each row of
+        tokens [S,D] → [S,77,D] float32, differentiable w.r.t. tokens."""
+        if tokens.dim() != 2 or tokens.shape[1] != self.token_dim:
+            raise ValueError(f"tokens must be [S,{self.token_dim}], got {tuple(tokens.shape)}")
+        base = self.text_model.embeddings.token_embedding(self._star_ids)  # [1,77,D], frozen
+        base = base.expand(tokens.shape[0], -1, -1)
+        embeds = torch.cat([base[:, :1], tokens.to(self.device, base.dtype)[:, None], base[:, 2:]], dim=1)
+        return self._encode_input_embeds(embeds)
+
+    def null_conditioning(self) -> torch.Tensor:
+        """Conditioning of the empty prompt → [1,77,D] float32 (computed once)."""
+        if self._null is None:
+            self._null = self.encode_text("")
+        return self._null
+
+    def token_embedding(self, word: str) -> torch.Tensor:
+        """Input embedding [D] float32 of the first token of ``word``."""
+        ids = self.tokenizer(word)["input_ids"]
+        if len(ids) < 3:
+            raise ValueError(f"{word!r} produces no token")
+        weight = self.text_model.embeddings.token_embedding.weight
+        return weight[ids[1]].detach().float().clone()
+
+
+# ------------------------------------------------------------------------------------------- vision
+class ClipVisionEncoder:
+    """CLIP ViT vision tower (HF ``CLIPVisionModel``) behind the VisionEncoder protocol (frozen)."""
+
+    def __init__(self, model: nn.Module, device, dtype: torch.dtype):
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.num_hidden_states = int(model.config.num_hidden_layers) + 1
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, *, device="cpu", dtype=torch.float32,
+                    seed: int | None = None) -> "ClipVisionEncoder":
+        """A randomly initialised tower (ViT-L/14 unless ``config`` overrides entries); for tests."""
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        cfg = dict(VIT_L14_VISION_CONFIG)
+        cfg.update(config or {})
+        vcfg = CLIPVisionConfig(**cfg)
+        vcfg._attn_implementation = "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = CLIPVisionModel(vcfg)
+        model.to(device=device, dtype=dtype).requires_grad_(False).eval()
+        return cls(model, device, dtype)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
+                  config: Mapping[str, Any] | None = None) -> "ClipVisionEncoder":
+        """Load ViT-L/14 vision weights in HF layout (``vision_model.*``; CLIPModel files are accepted too:
+        text-tower and projection tensors are ignored)."""
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        sd = load_checkpoint_tensors(path)
+        vision = {}
+        for k, v in sd.items():
+            if not k.startswith("vision_model."):
+                continue
+            name = k[len("vision_model."):]
+            if not name.endswith("position_ids"):
+                vision[name] = v
+        if not vision:
+            raise IncompatibleWeightsError(
+                f"{os.fspath(path)!r} has no 'vision_model.*' tensors: expected an HF-layout CLIP ViT-L/14 vision "
+                "file (e.g. ComfyUI's clip_vision ViT-L model.safetensors).")
+        cfg = dict(VIT_L14_VISION_CONFIG)
+        cfg.update(config or {})
+        vcfg = CLIPVisionConfig(**cfg)
+        vcfg._attn_implementation = "sdpa"
+        model = _build(lambda: CLIPVisionModel(vcfg), vision, "CLIP vision", device, dtype)
+        return cls(model, device, dtype)
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> Sequence[torch.Tensor]:
+        """All hidden states (embedding output after pre-LN, then each layer) for CLIP-normalised pixels
+        [B,3,224,224] → tuple of num_layers+1 tensors [B,257,width] in the model dtype."""
+        out = self.model(pixel_values=pixel_values.to(self.device, self.dtype), output_hidden_states=True)
+        return out.hidden_states
