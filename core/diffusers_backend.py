@@ -31,19 +31,14 @@ from torch import nn
 
 from .diffusion import LATENT_SCALE
 from .errors import IncompatibleWeightsError, InvalidImageError, WeightsNotFoundError
+from .fingerprint import unet_fingerprint
+from .text_encoder import CLIPTextEncoder, PlaceholderConditioner
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = ("cond_stage_model.transformer.",)
 SEQ_LEN = 77
 PLACEHOLDER = "*"
-
-#: CLIP ViT-L/14 text tower of SD1.x (openai/clip-vit-large-patch14, text side).
-SD1_TEXT_CONFIG: dict[str, Any] = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=SEQ_LEN, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
-    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-)
 
 #: CLIP ViT-L/14 vision tower (openai/clip-vit-large-patch14, vision side).
 VIT_L14_VISION_CONFIG: dict[str, Any] = dict(
@@ -54,9 +49,6 @@ VIT_L14_VISION_CONFIG: dict[str, Any] = dict(
 #: SD1.x UNet: 8 attention heads at every level (diffusers' ``attention_head_dim`` = heads for SD1).
 SD1_UNET_HEADS = 8
 
-#: UNet tensors (LDM names, no prefix) hashed by :func:`unet_fingerprint`; the first cross-attention key
-#: projection is added to them (it is what ties the denoiser to its text encoder).
-FINGERPRINT_KEYS = ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight")
 
 
 # ------------------------------------------------------------------------------------------- file loading
@@ -243,17 +235,6 @@ def taesd_to_diffusers(vae_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def strip_text_prefix(text_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF CLIP text names (``text_model.*`` or bare) → transformers-5 ``CLIPTextModel`` names (no prefix)."""
-    out = {}
-    for k, v in text_sd.items():
-        name = k[len("text_model."):] if k.startswith("text_model.") else k
-        if name.endswith("position_ids") or name.startswith("text_projection") or name == "logit_scale":
-            continue  # a non-persistent buffer in transformers 5 / a projection SD1 does not use
-        out[name] = v
-    return out
-
-
 def _load_module(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
     """Strict load that turns a mismatch into an IncompatibleWeightsError naming a few offending keys."""
     own = module.state_dict()
@@ -291,27 +272,6 @@ def _reset_nonpersistent_buffers(module: nn.Module) -> None:
                     raise IncompatibleWeightsError(f"Cannot initialise buffer {name!r} of {type(sub).__name__}.")
 
 
-# ------------------------------------------------------------------------------------------- fingerprint
-def unet_fingerprint(unet_sd: Mapping[str, torch.Tensor]) -> str:
-    """Short sha256 (16 hex) over a few UNet tensors given by their LDM names (no ``model.diffusion_model.``).
-
-    Hashes name, shape and the values rounded to float16 (so a model stored in fp32 or fp16, loaded at any
-    compute dtype, gives the same id). The ComfyUI bridge can call it with ``diffusion_model.state_dict()``.
-    """
-    names = list(FINGERPRINT_KEYS)
-    attn = sorted(k for k in unet_sd if k.endswith("attn2.to_k.weight"))
-    names += attn[:1]
-    h = hashlib.sha256()
-    for name in names:
-        if name not in unet_sd:
-            raise IncompatibleWeightsError(f"UNet tensor {name!r} missing: cannot fingerprint the model.")
-        t = unet_sd[name].detach().to(device="cpu", dtype=torch.float16).contiguous()
-        h.update(name.encode())
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(t.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # ------------------------------------------------------------------------------------------- text helpers
 def load_clip_tokenizer(tokenizer_dir: str | os.PathLike):
     """``CLIPTokenizer`` from a local folder holding vocab.json + merges.txt (e.g. ComfyUI's comfy/sd1_tokenizer)."""
@@ -326,13 +286,6 @@ def load_clip_tokenizer(tokenizer_dir: str | os.PathLike):
     return CLIPTokenizer(os.path.join(tokenizer_dir, "vocab.json"), os.path.join(tokenizer_dir, "merges.txt"))
 
 
-def causal_mask(seq_len: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Additive causal attention mask [1, 1, L, L]: 0 on and below the diagonal, dtype-min above."""
-    upper = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
-    mask = torch.zeros(seq_len, seq_len, dtype=dtype, device=device)
-    return mask.masked_fill(upper, torch.finfo(dtype).min)[None, None]
-
-
 # ------------------------------------------------------------------------------------------- backend
 def _output(x: torch.Tensor) -> torch.Tensor:
     """Results leave the backend as float32, or float64 when computed in float64 (for gradient checks)."""
@@ -342,51 +295,48 @@ def _output(x: torch.Tensor) -> torch.Tensor:
 class DiffusersBackend:
     """SD1.x denoiser, VAE and CLIP text encoder behind the DiffusionBackend protocol (all weights frozen)."""
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, text_model: nn.Module, tokenizer, *, vae_kind: str,
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_model: CLIPTextEncoder, tokenizer, *, vae_kind: str,
                  device, dtype: torch.dtype, vae_dtype: torch.dtype, fingerprint: str,
                  taesd_scale: float = LATENT_SCALE, taesd_shift: float = 0.0):
         self.unet, self.vae, self.text_model, self.tokenizer = unet, vae, text_model, tokenizer
         self.vae_kind = vae_kind
         self.device = torch.device(device)
         self.dtype, self.vae_dtype = dtype, vae_dtype
-        self.text_dtype = next(text_model.parameters()).dtype
-        self.token_dim = int(text_model.config.hidden_size)
+        self.token_dim = text_model.dim
         self._fingerprint = fingerprint
         self._taesd_scale, self._taesd_shift = float(taesd_scale), float(taesd_shift)
         self._null: torch.Tensor | None = None
         self._gradient_checkpointing = False
-        self._masks: dict[tuple, torch.Tensor] = {}
-        self._star_ids = self._tokenize(PLACEHOLDER)
-        if int((self._star_ids == self.tokenizer.eos_token_id).int().argmax()) != 2:
+        star_ids = self._tokenize(PLACEHOLDER)
+        if int((star_ids == self.tokenizer.eos_token_id).int().argmax()) != 2:
             raise IncompatibleWeightsError(f"The tokenizer splits {PLACEHOLDER!r} into several tokens.")
+        self._placeholder = PlaceholderConditioner(text_model, star_ids[0], position=1)
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_single_file(cls, checkpoint_path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike,
-                         device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                         text_config: Mapping[str, Any] | None = None) -> "DiffusersBackend":
+                         device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None
+                         ) -> "DiffusersBackend":
         """Load an SD1.x single-file checkpoint (LDM key layout) with KL or TAESD VAE.
 
-        ``dtype`` is the UNet and text-encoder compute dtype, ``vae_dtype`` the VAE's (default ``dtype``).
-        ``text_config`` overrides entries of :data:`SD1_TEXT_CONFIG` (tests use a 2-layer text encoder).
+        ``dtype`` is the UNet compute dtype, ``vae_dtype`` the VAE's (default ``dtype``); the text encoder runs
+        in float32 (its sizes are read off the checkpoint).
         """
         tokenizer = load_clip_tokenizer(tokenizer_dir)
         sd = load_checkpoint_tensors(checkpoint_path)
         return cls.from_state_dict(sd, tokenizer=tokenizer, device=device, dtype=dtype, vae_dtype=vae_dtype,
-                                   text_config=text_config, source=os.fspath(checkpoint_path))
+                                   source=os.fspath(checkpoint_path))
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], *, tokenizer, device="cpu",
                         dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                        text_config: Mapping[str, Any] | None = None, source: str = "state dict"
-                        ) -> "DiffusersBackend":
+                        source: str = "state dict") -> "DiffusersBackend":
         """Same as :meth:`from_single_file` for an in-memory single-file state dict."""
         from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
         from diffusers.loaders.single_file_utils import (
             convert_ldm_unet_checkpoint,
             convert_ldm_vae_checkpoint,
         )
-        from transformers import CLIPTextConfig, CLIPTextModel
 
         vae_dtype = dtype if vae_dtype is None else vae_dtype
         unet_sd, vae_sd, text_sd = split_checkpoint(sd)
@@ -423,14 +373,11 @@ class DiffusersBackend:
         else:
             raise IncompatibleWeightsError(f"{source}: the VAE is neither an LDM KL autoencoder nor TAESD.")
 
-        cfg = dict(SD1_TEXT_CONFIG)
-        cfg.update(text_config or {})
-        text_cfg = CLIPTextConfig(**cfg)
-        text_cfg._attn_implementation = "sdpa"
-        text = _build(lambda: CLIPTextModel(text_cfg), strip_text_prefix(text_sd), "CLIP text encoder", device, dtype)
-        if int(unet_cfg["cross_attention_dim"]) != text_cfg.hidden_size:
+        # fp32 text encoder (cheap, and MSI differentiates through it); float64 only for gradient checks
+        text = CLIPTextEncoder.from_state_dict(text_sd).to(device, torch.float64 if dtype == torch.float64 else None)
+        if int(unet_cfg["cross_attention_dim"]) != text.dim:
             raise IncompatibleWeightsError(
-                f"UNet context width {unet_cfg['cross_attention_dim']} != text width {text_cfg.hidden_size}.")
+                f"UNet context width {unet_cfg['cross_attention_dim']} != text width {text.dim}.")
 
         return cls(unet, vae, text, tokenizer, vae_kind=vae_kind, device=device, dtype=dtype, vae_dtype=vae_dtype,
                    fingerprint=unet_fingerprint(unet_sd), taesd_scale=scale, taesd_shift=shift)
@@ -497,31 +444,17 @@ class DiffusersBackend:
                              return_tensors="pt")["input_ids"]
         return ids.to(self.device)
 
-    def _encode_input_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B,77,D] → conditioning [B,77,D] float32: + positions, causal transformer, final LN."""
-        tm = self.text_model
-        h = tm.embeddings(inputs_embeds=embeds.to(self.text_dtype))
-        key = (h.shape[1], h.dtype, h.device)
-        if key not in self._masks:
-            self._masks[key] = causal_mask(*key)
-        mask = self._masks[key]
-        h = tm.encoder(inputs_embeds=h, attention_mask=mask).last_hidden_state
-        return _output(tm.final_layer_norm(h))
-
     def encode_text(self, text: str) -> torch.Tensor:
         """Conditioning [1,77,D] float32 of a plain prompt (no grad)."""
         with torch.no_grad():
-            return self._encode_input_embeds(self.text_model.embeddings.token_embedding(self._tokenize(text)))
+            return _output(self.text_model(self._tokenize(text)))
 
     def encode_stage_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Conditioning of ``"*"`` with the ``*`` input embedding (position 1) replaced by each row of
         tokens [S,D] → [S,77,D] float32, differentiable w.r.t. tokens."""
         if tokens.dim() != 2 or tokens.shape[1] != self.token_dim:
             raise ValueError(f"tokens must be [S,{self.token_dim}], got {tuple(tokens.shape)}")
-        base = self.text_model.embeddings.token_embedding(self._star_ids)  # [1,77,D], frozen
-        base = base.expand(tokens.shape[0], -1, -1)
-        embeds = torch.cat([base[:, :1], tokens.to(self.device, base.dtype)[:, None], base[:, 2:]], dim=1)
-        return self._encode_input_embeds(embeds)
+        return self._placeholder(tokens)
 
     def null_conditioning(self) -> torch.Tensor:
         """Conditioning of the empty prompt → [1,77,D] float32 (computed once)."""
@@ -534,8 +467,7 @@ class DiffusersBackend:
         ids = self.tokenizer(word)["input_ids"]
         if len(ids) < 3:
             raise ValueError(f"{word!r} produces no token")
-        weight = self.text_model.embeddings.token_embedding.weight
-        return weight[ids[1]].detach().float().clone()
+        return self._placeholder.token_embedding(ids[1])
 
 
 # ------------------------------------------------------------------------------------------- vision

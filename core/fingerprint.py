@@ -1,23 +1,33 @@
 """A base-model fingerprint that is the same whichever library loaded the checkpoint.
 
 Keys (recovery secrets) are only valid for the exact UNet they were made with. ComfyUI keeps the LDM parameter
-names, diffusers renames them, and either may hold fp16, bf16 or fp32 copies; so the fingerprint hashes the
-values of the UNet's first and last convolutions (``input_blocks.0.0`` / ``out.2`` in LDM names, ``conv_in`` /
-``conv_out`` in diffusers names), rounded through fp16 so that the storage dtype of an fp16 checkpoint does not
-change it.
+names; the diffusers backend converts from the same single-file state dict. The fingerprint hashes a few UNet
+tensors by their LDM names, with values rounded to float16, so a model stored in fp32 or fp16 and loaded at any
+compute dtype gives the same id.
 """
 from __future__ import annotations
 
 import hashlib
+from typing import Mapping
 
 import torch
 
+from .errors import IncompatibleWeightsError
 
-def unet_fingerprint(conv_in_weight: torch.Tensor, conv_out_weight: torch.Tensor) -> str:
-    """16 hex chars identifying a UNet from its conv_in [C,4,3,3] and conv_out [4,C,3,3] weights."""
+#: UNet tensors (LDM names, no ``model.diffusion_model.`` prefix) that are hashed; the first cross-attention
+#: key projection is added to them (it ties the denoiser to its text encoder).
+FINGERPRINT_KEYS = ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight")
+
+
+def unet_fingerprint(unet_sd: Mapping[str, torch.Tensor]) -> str:
+    """16 hex chars identifying a UNet from its LDM-named state dict (name, shape and fp16-rounded values)."""
+    names = list(FINGERPRINT_KEYS) + sorted(k for k in unet_sd if k.endswith("attn2.to_k.weight"))[:1]
     h = hashlib.sha256()
-    for w in (conv_in_weight, conv_out_weight):
-        values = w.detach().to("cpu", torch.float32).to(torch.float16).contiguous()
-        h.update(str(tuple(values.shape)).encode())
-        h.update(values.view(torch.int16).numpy().tobytes())
+    for name in names:
+        if name not in unet_sd:
+            raise IncompatibleWeightsError(f"UNet tensor {name!r} missing: cannot fingerprint the model.")
+        t = unet_sd[name].detach().to(device="cpu", dtype=torch.float16).contiguous()
+        h.update(name.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]

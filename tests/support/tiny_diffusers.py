@@ -9,8 +9,8 @@ architecture, so the loader under test sees what a real checkpoint holds. Sizes:
   still detects as SD15). ``levels``/``mid_block``/``model_channels`` give other layouts.
 * VAE: TAESD layout (``taesd_encoder.*``/``taesd_decoder.*`` + ``vae_scale``/``vae_shift``) or the KL
   autoencoder layout with a reduced width (``kl_ch``; SD1 uses 128 with ch_mult [1,2,4,4]).
-* CLIP text: the ViT-L/14 text tower with ``text_layers`` transformer layers (SD1 has 12); the backend must be
-  built with ``text_config=tiny_text_config(text_layers)``.
+* CLIP text: the ViT-L/14 text tower with ``text_layers`` transformer layers (SD1 has 12); the backend reads
+  the layer count off the tensors.
 
 Values are drawn from a seeded ``torch.Generator``: N(0, 1/fan_in) for weights, N(0, 0.02²) for
 embeddings, zero biases, unit norm weights; the file is byte-identical per arguments. Never commit the files:
@@ -57,11 +57,6 @@ def sd1_tokenizer_dir() -> str | None:
     path = os.path.join(root, "comfy", "sd1_tokenizer")
     ok = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
     return path if ok else None
-
-
-def tiny_text_config(text_layers: int = 2) -> dict[str, Any]:
-    """``text_config`` override matching a checkpoint written with ``text_layers``."""
-    return {"num_hidden_layers": int(text_layers)}
 
 
 # ------------------------------------------------------------------------------------------- LDM shapes
