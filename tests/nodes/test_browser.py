@@ -132,14 +132,28 @@ def _tiny_changes(server, photo: str, task: str) -> dict:
 
 
 def _screenshot(page, name: str, folder: str) -> None:
-    """Close dialogs, fit the graph into view (the frontend's "." shortcut) and save <folder>/<name>.png."""
+    """Close dialogs and banners, fit the graph into view (the frontend's Fit View command), save
+    <folder>/<name>.png."""
+    from PIL import Image
+
     page.evaluate(CLOSE_DIALOGS_JS)
-    page.evaluate("() => { app.canvas.deselectAll && app.canvas.deselectAll(); }")
-    page.locator("#graph-canvas").click(position={"x": 5, "y": 5})
-    page.keyboard.press(".")
+    viewport = page.viewport_size
+    page.set_viewport_size({"width": 2800, "height": 1500})  # fit zoom high enough for text to render
+    page.wait_for_timeout(500)
+    page.evaluate("""async () => {
+        for (const el of document.querySelectorAll('div')) {
+            if (el.children.length < 6 && /Introducing Nodes 2\\.0/.test(el.textContent || '')
+                && el.getBoundingClientRect().height < 60) el.style.display = 'none';
+        }
+        await app.extensionManager.command.execute('Comfy.Canvas.FitView');
+    }""")
     page.wait_for_timeout(1000)
     os.makedirs(folder, exist_ok=True)
-    page.screenshot(path=os.path.join(folder, f"{name}.png"))
+    path = os.path.join(folder, f"{name}.png")
+    page.screenshot(path=path)
+    page.set_viewport_size(viewport)
+    with Image.open(path) as shot:
+        shot.convert("RGB").resize((1600, round(shot.height * 1600 / shot.width)), Image.LANCZOS).save(path, optimize=True)
 
 
 def test_workflows_in_the_browser(page, comfy_server, tmp_path):
