@@ -21,7 +21,6 @@ trained to emit scaled latents); that is also what we assume when a file carries
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Any, Mapping, Sequence

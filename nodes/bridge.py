@@ -27,7 +27,7 @@ import folder_paths
 import latent_preview
 
 from ..core import diffusion
-from ..core.errors import CancelledError, WeightsNotFoundError
+from ..core.errors import WeightsNotFoundError
 from ..core.energies import prepare_for_autograd
 from ..core.fingerprint import unet_fingerprint
 from ..core.text_encoder import CLIPTextEncoder, PlaceholderConditioner
@@ -97,10 +97,6 @@ def key_file_path(name: str) -> str:
     return os.path.join(keys_directory(), name)
 
 
-def output_directory() -> str:
-    return folder_paths.get_output_directory()
-
-
 # ------------------------------------------------------------------------------ devices, progress
 def torch_device() -> torch.device:
     return mm.get_torch_device()
@@ -126,14 +122,6 @@ def progress_bar(total: int) -> Callable[[int, int, dict], None]:
 
 def release_memory() -> None:
     mm.soft_empty_cache()
-
-
-def vae_dtype(vae) -> torch.dtype:
-    return vae.vae_dtype
-
-
-def unet_dtype(model) -> torch.dtype:
-    return model.model.get_dtype()
 
 
 def load_models(*patchers) -> None:
@@ -253,16 +241,6 @@ def model_sampling(model):
     return model.get_model_object("model_sampling")
 
 
-def percent_to_sigma(model, percent: float) -> float:
-    return float(model_sampling(model).percent_to_sigma(percent))
-
-
-def timesteps_for_sigmas(model, sigmas: torch.Tensor) -> list[int]:
-    """Integer DDPM timesteps of each σ (one host sync for the whole run)."""
-    ms = model_sampling(model)
-    return [int(ms.timestep(s).round().item()) if float(s) > 0 else 0 for s in sigmas.cpu().float()]
-
-
 def with_timestep_range(conditioning: list, start: float, end: float) -> list:
     """Copy of a CONDITIONING with start/end percent set on every entry (ConditioningSetTimestepRange)."""
     out = []
@@ -272,17 +250,6 @@ def with_timestep_range(conditioning: list, start: float, end: float) -> list:
         extras["end_percent"] = float(end)
         out.append([tensor, extras])
     return out
-
-
-class PresetNoise:
-    """A ComfyUI NOISE object returning a tensor prepared by the caller (seeded per sample by the core)."""
-
-    def __init__(self, noise: torch.Tensor, seed: int):
-        self.noise = noise
-        self.seed = seed
-
-    def generate_noise(self, latent: dict) -> torch.Tensor:
-        return self.noise
 
 
 class PrivacyGuider(comfy.samplers.CFGGuider):
@@ -357,15 +324,6 @@ def run_guider(guider, noise: torch.Tensor, latent_samples: torch.Tensor, sample
     out = guider.sample(noise, latent_samples, sampler, sigmas, denoise_mask=denoise_mask, callback=callback,
                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     return out.to(intermediate_device())
-
-
-def cancel_check() -> Callable[[], None]:
-    """A core ``cancel`` callable: raises ComfyUI's interrupt exception when the user cancels."""
-    return check_interrupt
-
-
-def is_interrupt(exc: BaseException) -> bool:
-    return isinstance(exc, (mm.InterruptProcessingException, CancelledError))
 
 
 class ComfyTextConditioner:

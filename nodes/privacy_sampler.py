@@ -39,9 +39,9 @@ def sample_in_comfy(model, conditioning, x_sigma: torch.Tensor, sigmas: torch.Te
                                           background=background, callback=callback, cancel=bridge.check_interrupt)
         return sampling.to_vp(out, sigma_last)
 
-    noise = bridge.PresetNoise((x_sigma / float(sigmas[0])).float(), seed)
+    noise = (x_sigma / float(sigmas[0])).float()
     empty = torch.zeros_like(x_sigma)
-    unscaled = bridge.run_guider(guider, noise.generate_noise({}), empty, bridge.guided_ddim_sampler(run_loop),
+    unscaled = bridge.run_guider(guider, noise, empty, bridge.guided_ddim_sampler(run_loop),
                                  sigmas.float(), seed, preview_steps=len(timesteps))
     return model.model.process_latent_in(unscaled.to(bridge.torch_device(), torch.float32))
 

@@ -57,3 +57,36 @@ def test_stage_token_gradient_flows_through_comfy_models(loaded):
         eps = comfy_backend.predict_eps(z.clone(), torch.tensor([500]), comfy_backend.encode_stage_tokens(tokens))
         (grad,) = torch.autograd.grad(eps.square().mean(), tokens)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_interrupt_stops_msi_and_sampling(loaded):
+    """ComfyUI's Cancel (interrupt flag) stops MSI training at the next step and the sampler before its next
+    step, through the bridge's check_interrupt."""
+    import comfy.model_management as mm
+
+    from core import msi
+
+    bridge, model, comfy_backend, _ = loaded
+    sampler_module = sys.modules[bridge.__name__.rsplit(".", 1)[0] + ".privacy_sampler"]
+    seen = []
+
+    def progress(step, total, info):
+        seen.append(step)
+        if step == 2:
+            mm.interrupt_current_processing(True)
+
+    image = torch.zeros(1, 3, 64, 64)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            msi.train_msi(comfy_backend, image, mode="lite", steps=20, progress=progress, cancel=bridge.check_interrupt)
+        assert max(seen) == 2  # stopped at the first check after the flag was set
+        with torch.inference_mode():
+            z0 = torch.zeros(1, 4, 8, 8)
+            from core import sampling
+            x, sigmas, timesteps = sampling.img2img_start(z0, 10, 0.6, 1, 0)
+            conditioning = [[torch.zeros(1, 77, 768), {}]]
+            mm.interrupt_current_processing(True)
+            with pytest.raises(mm.InterruptProcessingException):
+                sampler_module.sample_in_comfy(model, conditioning, x, sigmas, timesteps, 0)
+    finally:
+        mm.interrupt_current_processing(False)
