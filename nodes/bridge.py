@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import os
+import time
 from typing import Callable
 
 import torch
@@ -25,6 +26,8 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 import latent_preview
+from comfy_execution.utils import get_executing_context
+from server import PromptServer
 
 from ..core import diffusion
 from ..core.errors import WeightsNotFoundError
@@ -111,12 +114,23 @@ def check_interrupt() -> None:
     mm.throw_exception_if_processing_interrupted()
 
 
-def progress_bar(total: int) -> Callable[[int, int, dict], None]:
-    """A ``progress(step, total, info)`` callback driving ComfyUI's progress bar."""
+def progress_bar(total: int, label: str = "") -> Callable[[int, int, dict], None]:
+    """A ``progress(step, total, info)`` callback driving ComfyUI's progress bar; when ``info`` carries a
+    ``loss`` it is also shown as the node's progress text (at most about once a second)."""
     bar = comfy.utils.ProgressBar(total)
+    context = get_executing_context()
+    node_id = getattr(context, "node_id", None)
+    last_text = [0.0]
 
     def progress(step: int, total_steps: int, info: dict | None = None) -> None:
         bar.update_absolute(step, total_steps)
+        loss = (info or {}).get("loss")
+        now = time.monotonic()
+        if loss is not None and node_id is not None and (now - last_text[0] > 1.0 or step == total_steps):
+            last_text[0] = now
+            server = getattr(PromptServer, "instance", None)
+            if server is not None and hasattr(server, "send_progress_text"):
+                server.send_progress_text(f"{label}step {step}/{total_steps} · loss {float(loss):.4f}", node_id)
     return progress
 
 

@@ -56,10 +56,6 @@ class MSIInvert(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode, clip_vision=None):
-        return True
-
-    @classmethod
     def execute(cls, model, clip, vae, image, mode, steps, learning_rate, inversion_steps, timesteps_per_step,
                 seed, official_uint8_quirk, clip_vision=None) -> io.NodeOutput:
         if mode == "faithful" and clip_vision is None:
@@ -72,7 +68,7 @@ class MSIInvert(io.ComfyNode):
         with torch.inference_mode(False):  # MSI's parameters and optimizer state must be normal tensors
             result = msi.train_msi(backend, source, mode=mode, steps=steps, lr=lr, seed=seed,
                                    timesteps_per_step=timesteps_per_step, vision=vision,
-                                   uint8_quirk=official_uint8_quirk, progress=bridge.progress_bar(steps),
+                                   uint8_quirk=official_uint8_quirk, progress=bridge.progress_bar(steps, "MSI "),
                                    cancel=bridge.check_interrupt)
         z0 = backend.encode_image(source)
         z_T = sampling.ddim_invert(backend, z0, result.stage_conds, inversion_steps,
