@@ -255,6 +255,10 @@ def _build(ctor, sd: Mapping[str, torch.Tensor], what: str, device, dtype) -> nn
     nn.Module.to(module, dtype=dtype)
     module = module.to_empty(device=device)
     _reset_nonpersistent_buffers(module)
+    # transformers 4.x nests CLIPVisionModel's tower under ``vision_model.``; 5.x does not
+    prefixes = {k.split(".", 1)[0] for k in module.state_dict()}
+    if prefixes == {"vision_model"} and not any(k.startswith("vision_model.") for k in sd):
+        sd = {"vision_model." + k: v for k, v in sd.items()}
     _load_module(module, sd, what)  # copy_ casts the stored dtype to the module's
     module.requires_grad_(False)
     return module.eval()

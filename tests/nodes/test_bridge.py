@@ -90,3 +90,35 @@ def test_interrupt_stops_msi_and_sampling(loaded):
                 sampler_module.sample_in_comfy(model, conditioning, x, sigmas, timesteps, 0)
     finally:
         mm.interrupt_current_processing(False)
+
+
+@pytest.mark.slow
+def test_clip_vision_hidden_states_follow_the_hf_convention(loaded, comfyui_dir):
+    """MSI's CLIP depths 3/7/11/15/24 mean the same thing through ComfyUI's CLIP_VISION (bridge) and through
+    transformers (plain core): index 0 = embeddings after the pre-LayerNorm, index i = after layer i.
+    Full ViT-L/14 shapes with random weights, loaded into ComfyUI's own model class from its vitl config."""
+    import comfy.clip_vision
+
+    from core.diffusers_backend import ClipVisionEncoder
+
+    bridge = loaded[0]
+    hf = ClipVisionEncoder.from_config(seed=0)
+    for p in hf.model.parameters():  # transformers leaves LayerNorms at identity; randomise them too
+        p.data.add_(0.02 * torch.randn_like(p))
+    state = {k if k.startswith("vision_model.") else "vision_model." + k: v.clone()
+             for k, v in hf.model.state_dict().items()}
+    with torch.inference_mode():
+        comfy_vision = comfy.clip_vision.ClipVisionModel(str(comfyui_dir / "comfy" / "clip_vision_config_vitl.json"))
+        missing, _ = comfy_vision.load_sd(state)
+        assert not [k for k in missing if not k.startswith("visual_projection")], missing
+        pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        ours = bridge.ComfyVisionEncoder(comfy_vision).hidden_states(pixels)
+        ref = hf.hidden_states(pixels)
+    assert len(ours) == len(ref) == 25
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    # ComfyUI runs this tower in fp16 on the CPU: ~1e-3 relative error; a neighbouring layer is far off
+    for i in (0, 3, 7, 11, 15, 24):
+        assert rel(ours[i], ref[i]) < 5e-3, i
+        assert rel(ours[i], ref[i - 1 if i else 1]) > 2e-2, i
