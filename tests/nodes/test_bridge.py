@@ -122,3 +122,14 @@ def test_clip_vision_hidden_states_follow_the_hf_convention(loaded, comfyui_dir)
     for i in (0, 3, 7, 11, 15, 24):
         assert rel(ours[i], ref[i]) < 5e-3, i
         assert rel(ours[i], ref[i - 1 if i else 1]) > 2e-2, i
+
+    # MSI Invert's faithful mode end to end on ComfyUI's models: the vision features feed the stage tokens
+    from core import msi
+    comfy_backend = loaded[2]
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.inference_mode(False):
+        result = msi.train_msi(comfy_backend, image, mode="faithful", steps=2, seed=5,
+                               vision=bridge.ComfyVisionEncoder(comfy_vision))
+    assert result.stage_tokens.shape == (10, 768) and result.stage_conds.shape == (10, 77, 768)
+    assert torch.isfinite(result.stage_conds).all()
+    assert (result.stage_tokens[0] - result.stage_tokens[9]).abs().max() > 1e-4
