@@ -1,17 +1,15 @@
 """Face Recognizer Loader and Identity Energy Guidance."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
-from ..core import faces
 from ..core.energies import StepSizeSchedule
-from ..core.recognizers import FaceCrop, load_recognizer, reference_embedding
+from ..core.pipeline import CROP_MODES, face_crop_for
+from ..core.recognizers import load_recognizer, reference_embedding
 from . import bridge
 from .convert import rgb, to_model_image
 from .types import CATEGORY, GuidanceSpec, GuidanceType, RecognizerType
 
-CROP_MODES = ["official", "ffhq", "whole", "detect"]
 STEP_SCHEDULES = ["official", "constant"]
 
 
@@ -45,16 +43,6 @@ class FaceRecognizerLoader(io.ComfyNode):
         return io.NodeOutput(load_recognizer(path, kind))
 
 
-def source_crop(crop_mode: str, recognizer, image_bhwc: torch.Tensor) -> FaceCrop:
-    """The FaceCrop for a crop mode; "detect" finds the face box on the source with MTCNN once."""
-    if crop_mode == "official":
-        return FaceCrop.official(recognizer)
-    if crop_mode == "detect":
-        face = faces.single_face(rgb(image_bhwc)[0])
-        return FaceCrop("box", recognizer.input_size, "bilinear", box=tuple(float(v) for v in face.box), margin=0.1)
-    return FaceCrop(crop_mode, recognizer.input_size, "nearest")
-
-
 class IdentityEnergyGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -78,7 +66,7 @@ class IdentityEnergyGuidance(io.ComfyNode):
                                tooltip="Multiplies the official step sizes (or is ρ for 'constant'); 0 = off."),
                 io.Float.Input("diversity_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="anonymize only: weight of the term pushing the batch's faces apart."),
-                io.Combo.Input("crop", options=CROP_MODES, default="official",
+                io.Combo.Input("crop", options=list(CROP_MODES), default="official",
                                tooltip="official: ArcFace FFHQ crop / FaceNet whole image; detect: MTCNN box on "
                                        "the source, reused for every sample (robust for unaligned inputs)."),
                 io.Combo.Input("gradient_target", options=["x0", "xt"], default="x0",
@@ -106,7 +94,7 @@ class IdentityEnergyGuidance(io.ComfyNode):
                 gradient_target, max_grad_norm, max_identity_similarity, model=None, vae=None,
                 conditioning=None) -> io.NodeOutput:
         recognizer = bridge.to_compute_device(recognizer)
-        face_crop = source_crop(crop, recognizer, source)
+        face_crop = face_crop_for(crop, recognizer, rgb(source[:1])[0].float().cpu())
         src = to_model_image(source[:1])
         embedding = reference_embedding(recognizer, face_crop, src)
         if step_schedule == "official":

@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..core import diffusion, sampling
 from ..core.energies import BackgroundPaste, IdentityGuidance, mask_to_latent
-from ..core.errors import ProtectionFailedError
 from ..core.keys import check_compatible
+from ..core.pipeline import check_protected
 from ..core.schedules import EmbeddingSchedule
 from . import bridge
 from .convert import mask_batch, to_comfy_image, to_model_image
@@ -103,14 +103,7 @@ class PrivacySampler(io.ComfyNode):
         z = sample_in_comfy(model, conditioning, x, sigmas, timesteps, seed, guidance=bound, background=background,
                             grad_through_unet=guidance.target == "xt")
         if guidance.mode == "anonymize" and guidance.max_identity_similarity < 1.0:
-            sims = bound.similarities(z).float().cpu()
-            worst = float(sims.max())
-            if worst > guidance.max_identity_similarity:
-                raise ProtectionFailedError(
-                    f"Protection failed closed: {int((sims > guidance.max_identity_similarity).sum())} of "
-                    f"{len(sims)} results still match the source (cosine {worst:.3f} > "
-                    f"max_identity_similarity {guidance.max_identity_similarity:.2f}); nothing was output. "
-                    "Raise step_scale or strength, or use another seed.")
+            check_protected(bound.similarities(z), guidance.max_identity_similarity)
         out = bridge.scaled_to_comfy_latent(model, z)
         images = bridge.decode_to_images(vae, out["samples"])
         bridge.release_memory()

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Diff-Privacy without ComfyUI: protect the face in a photo, or recover it from its keys.
+
+    python scripts/diffprivacy.py protect --checkpoint SD15.safetensors --tokenizer-dir DIR \\
+        --recognizer 20180402-114759-vggface2.pt --photo in.jpg --task anonymize --out out/ --keys face.dpkey
+    python scripts/diffprivacy.py recover --checkpoint SD15.safetensors --tokenizer-dir DIR \\
+        --keys face.dpkey --out recovered.png
+
+The passphrase that encrypts the keys is read from $DIFF_PRIVACY_PASSPHRASE, else asked for on the terminal.
+--tokenizer-dir is a folder with the SD1 CLIP tokenizer (vocab.json + merges.txt), e.g. ComfyUI's
+comfy/sd1_tokenizer. Weights are only read from the given files; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import keys as key_files  # noqa: E402
+from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend  # noqa: E402
+from core.errors import DiffPrivacyError  # noqa: E402
+from core.pipeline import CROP_MODES, PRESETS, protect_photo, recover_face  # noqa: E402
+from core.recognizers import load_recognizer  # noqa: E402
+
+PASSPHRASE_ENV = "DIFF_PRIVACY_PASSPHRASE"
+
+
+def passphrase(confirm: bool) -> str:
+    secret = os.environ.get(PASSPHRASE_ENV)
+    if secret:
+        return secret
+    if not sys.stdin.isatty():
+        raise SystemExit(f"set {PASSPHRASE_ENV} (no terminal to ask for the key passphrase)")
+    secret = getpass.getpass("key passphrase: ")
+    if confirm and getpass.getpass("again: ") != secret:
+        raise SystemExit("the passphrases differ")
+    return secret
+
+
+def read_photo(path: str) -> torch.Tensor:
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def write_image(path: Path, pixels: torch.Tensor) -> None:
+    Image.fromarray((pixels.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)).save(path)
+
+
+def backend_from(args) -> DiffusersBackend:
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    return DiffusersBackend.from_single_file(args.checkpoint, tokenizer_dir=args.tokenizer_dir, device=device,
+                                             dtype=dtype, vae_dtype=torch.float32)
+
+
+def protect(args) -> int:
+    backend = backend_from(args)
+    recognizer = load_recognizer(args.recognizer, "auto", device=backend.device)
+    vision = ClipVisionEncoder.from_file(args.clip_vision, device=backend.device) if args.clip_vision else None
+    secret = passphrase(confirm=True)
+
+    def show(stage: str, step: int, total: int) -> None:
+        print(f"\r{stage:9s} {step:5d}/{total}", end="" if step < total else "\n", flush=True)
+
+    result = protect_photo(backend, recognizer, read_photo(args.photo), task=args.task, size=args.size,
+                           msi_mode="faithful" if vision is not None else "lite", msi_steps=args.msi_steps,
+                           inversion_steps=args.inversion_steps, steps=args.steps, strength=args.strength,
+                           batch_size=args.batch_size, seed=args.seed, crop=args.crop, step_scale=args.step_scale,
+                           max_identity_similarity=args.max_identity_similarity, vision=vision, progress=show)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.photo).stem
+    for i, photo in enumerate(result.photos):
+        write_image(out / f"{stem}_{args.task}_{i:02d}.png", photo)
+    key_files.save_keys(args.keys, result.keys, secret)
+    sims = ", ".join(f"{float(s):.3f}" for s in result.similarities)
+    print(f"wrote {len(result.photos)} photo(s) to {out}; keys to {args.keys}; similarity to source: {sims}")
+    return 0
+
+
+def recover(args) -> int:
+    backend = backend_from(args)
+    keys = key_files.load_keys(args.keys, passphrase(confirm=False))
+    write_image(Path(args.out), recover_face(backend, keys))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("protect", "recover"):
+        p = sub.add_parser(name)
+        p.add_argument("--checkpoint", required=True, help="SD1.x single-file checkpoint (.safetensors)")
+        p.add_argument("--tokenizer-dir", required=True, help="folder with the SD1 CLIP vocab.json + merges.txt")
+        p.add_argument("--keys", required=True, help="recovery key file (written by protect, read by recover)")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="UNet compute dtype")
+    p = sub.choices["protect"]
+    p.add_argument("--recognizer", required=True, help="FaceNet .pt or ArcFace IR-SE50 .pth")
+    p.add_argument("--photo", required=True)
+    p.add_argument("--task", choices=sorted(PRESETS), default="anonymize")
+    p.add_argument("--out", default="protected")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--clip-vision", help="CLIP ViT-L/14 vision weights: faithful MSI (default: lite)")
+    p.add_argument("--msi-steps", type=int)
+    p.add_argument("--inversion-steps", type=int, default=50)
+    p.add_argument("--steps", type=int, help="DDIM grid (preset: 50 anonymize, 100 hide)")
+    p.add_argument("--strength", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--crop", choices=CROP_MODES, default="official")
+    p.add_argument("--step-scale", type=float, default=1.0)
+    p.add_argument("--max-identity-similarity", type=float, default=0.5)
+    sub.choices["recover"].add_argument("--out", default="recovered.png")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return protect(args) if args.command == "protect" else recover(args)
+    except DiffPrivacyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

