@@ -284,10 +284,8 @@ def protect(
     x, sigmas, timesteps = img2img_start(z0, num_steps, strength, batch_size, seed)
     denoise = make_backend_denoiser(backend, task_schedule, stage_conds, null_cond, batch_size)
     total = len(timesteps)
-    report = None
-    if progress is not None:
-        def report(info: dict) -> None:
-            progress(info["i"] + 1, total, {"t": info["t"], "sigma": info["sigma"], "energy": info["energy"]})
+    report = None if progress is None else (
+        lambda info: progress(info["i"] + 1, total, {"t": info["t"], "sigma": info["sigma"], "energy": info["energy"]}))
     x = sample_guided_ddim(denoise, x, sigmas, timesteps=timesteps, guidance=guidance, background=background,
                            callback=report, cancel=cancel)
     return to_vp(x, float(sigmas[-1]))
