@@ -68,12 +68,13 @@ def judge(comfy_inprocess):
     return similarities
 
 
-def _mean_similarity(comfy, judge, task: str, step_scale: float) -> float:
+def _mean_similarity(comfy, judge, task: str, step_scale: float, target: str = "x0") -> float:
     photo = astronaut_png(comfy.input_dir)
-    prefix = f"dir_{task}_{int(step_scale)}"
+    prefix = f"dir_{task}_{int(step_scale)}_{target}"
     graph = tiny(load_api(task), photo=photo, ckpt=comfy.models.checkpoint_name, sampler_steps=4,
                  batch_size=2 if task == "anonymize" else None)
-    set_inputs(graph, "DiffPrivacy_IdentityEnergyGuidance", step_scale=step_scale, max_identity_similarity=1.0)
+    set_inputs(graph, "DiffPrivacy_IdentityEnergyGuidance", step_scale=step_scale, max_identity_similarity=1.0,
+               gradient_target=target)
     history = comfy.run(_with_sampler_preview(graph, prefix))
     return float(judge(_faces(comfy, history)).mean())
 
@@ -86,3 +87,12 @@ def test_guidance_moves_similarity(comfy_inprocess, judge, task, sign):
     # decoder passes only a weak gradient, hence STEP_SCALE); deterministic, so a margin of 1e-3 is safe
     print(f"{task}: mean cosine to source unguided {unguided:.4f}, guided {guided:.4f}")
     assert sign * (guided - unguided) > 1e-3, (task, unguided, guided)
+
+
+def test_guidance_through_the_unet(comfy_inprocess, judge):
+    """gradient_target "xt" differentiates through ComfyUI's UNet inside its sampler stack (weights reach
+    autograd through clone wrappers) and still pushes anonymization away from the source."""
+    unguided = _mean_similarity(comfy_inprocess, judge, "anonymize", 0.0, "xt")
+    guided = _mean_similarity(comfy_inprocess, judge, "anonymize", STEP_SCALE, "xt")
+    print(f"anonymize (xt): mean cosine to source unguided {unguided:.4f}, guided {guided:.4f}")
+    assert guided < unguided - 1e-3, (unguided, guided)
