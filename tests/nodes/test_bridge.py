@@ -133,3 +133,20 @@ def test_clip_vision_hidden_states_follow_the_hf_convention(loaded, comfyui_dir)
     assert result.stage_tokens.shape == (10, 768) and result.stage_conds.shape == (10, 77, 768)
     assert torch.isfinite(result.stage_conds).all()
     assert (result.stage_tokens[0] - result.stage_tokens[9]).abs().max() > 1e-4
+
+
+def test_image_conversions(loaded):
+    """nodes.convert: grayscale and RGBA IMAGEs become RGB, sizes round to multiples of 8, bad sizes are refused."""
+    bridge = loaded[0]
+    convert = sys.modules[bridge.__name__.rsplit(".", 1)[0] + ".convert"]
+    gray = torch.full((1, 70, 90, 1), 0.25)
+    assert convert.rgb(gray).shape == (1, 70, 90, 3)
+    rgba = torch.cat([torch.zeros(1, 64, 64, 3), torch.full((1, 64, 64, 1), 0.5)], dim=-1)
+    torch.testing.assert_close(convert.rgb(rgba), torch.full((1, 64, 64, 3), 0.5))  # composited over white
+    x = convert.to_model_image(gray)
+    assert x.shape == (1, 3, 64, 88) and float(x.min()) >= -1 and float(x.max()) <= 1
+    for bad in (torch.zeros(1, 32, 32, 3), torch.zeros(1, 64, 5000, 3), torch.full((1, 64, 64, 3), float("nan")),
+                torch.zeros(1, 64, 64, 2)):
+        with pytest.raises(Exception) as err:
+            convert.to_model_image(bad)
+        assert type(err.value).__name__ == "InvalidImageError"
