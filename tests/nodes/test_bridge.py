@@ -150,3 +150,27 @@ def test_image_conversions(loaded):
         with pytest.raises(Exception) as err:
             convert.to_model_image(bad)
         assert type(err.value).__name__ == "InvalidImageError"
+
+
+def test_gradient_checkpointing_keeps_the_gradient_and_is_removed(loaded):
+    """MSI's UNet checkpointing on ComfyUI's model: same gradient, and the shared modules are restored."""
+    _, model, comfy_backend, _ = loaded
+    unet = model.model.diffusion_model
+    with torch.inference_mode():
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+
+    def grad():
+        with torch.inference_mode(False):
+            tokens = (0.02 * torch.ones(1, 768)).requires_grad_(True)
+            eps = comfy_backend.predict_eps(z.clone(), torch.tensor([300]), comfy_backend.encode_stage_tokens(tokens))
+            return torch.autograd.grad(eps.square().mean(), tokens)[0]
+
+    plain = grad()
+    comfy_backend.enable_gradient_checkpointing(True)
+    try:
+        assert "_dp_plain_forward" in unet.input_blocks[0].__dict__
+        checkpointed = grad()
+    finally:
+        comfy_backend.enable_gradient_checkpointing(False)
+    assert not any("_dp_plain_forward" in b.__dict__ for b in unet.input_blocks)
+    torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
