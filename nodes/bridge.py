@@ -268,6 +268,14 @@ def with_timestep_range(conditioning: list, start: float, end: float) -> list:
     return out
 
 
+def start_noise(model, x_sigma: torch.Tensor, sigma0: float) -> torch.Tensor:
+    """The NOISE for which KSAMPLER's start over an empty latent (``noise_scaling``) is exactly ``x_sigma``:
+    ComfyUI multiplies by σ₀, or by √(1+σ₀²) when σ₀ reaches the model's σ_max ("max denoise")."""
+    sigma_max = float(model_sampling(model).sigma_max)
+    at_max = math.isclose(sigma_max, sigma0, rel_tol=1e-05) or sigma0 > sigma_max
+    return (x_sigma / (math.sqrt(1.0 + sigma0 * sigma0) if at_max else sigma0)).float()
+
+
 class PrivacyGuider(comfy.samplers.CFGGuider):
     """A GUIDER with one scheduled conditioning (CFG 1, as the official method) and optional identity
     guidance applied as an x̂₀ correction, so it also works with core ``SamplerCustomAdvanced`` and any sampler.

@@ -27,8 +27,8 @@ def sample_in_comfy(model, conditioning, x_sigma: torch.Tensor, sigmas: torch.Te
                     seed: int, *, guidance=None, background=None, grad_through_unet: bool = False) -> torch.Tensor:
     """Run core.sampling.sample_guided_ddim inside ComfyUI's sampler stack; returns VP scaled latents.
 
-    The start latent x_σ is handed to ComfyUI as noise/σ₀ over an empty latent, so ComfyUI's own
-    ``latent + σ₀·noise`` reproduces it exactly.
+    The start latent x_σ is handed to ComfyUI as a noise over an empty latent that ComfyUI's own start
+    (``latent + σ₀·noise``) turns back into exactly x_σ.
     """
     sampler_model = bridge.grad_ready_model(model) if grad_through_unet else model
     guider = bridge.PrivacyGuider(sampler_model, conditioning)
@@ -39,7 +39,7 @@ def sample_in_comfy(model, conditioning, x_sigma: torch.Tensor, sigmas: torch.Te
                                           background=background, callback=callback, cancel=bridge.check_interrupt)
         return sampling.to_vp(out, sigma_last)
 
-    noise = (x_sigma / float(sigmas[0])).float()
+    noise = bridge.start_noise(model, x_sigma, float(sigmas[0]))
     empty = torch.zeros_like(x_sigma)
     unscaled = bridge.run_guider(guider, noise, empty, bridge.guided_ddim_sampler(run_loop),
                                  sigmas.float(), seed, preview_steps=len(timesteps))

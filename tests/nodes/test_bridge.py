@@ -174,3 +174,25 @@ def test_gradient_checkpointing_keeps_the_gradient_and_is_removed(loaded):
         comfy_backend.enable_gradient_checkpointing(False)
     assert not any("_dp_plain_forward" in b.__dict__ for b in unet.input_blocks)
     torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_start_noise_reproduces_the_start_latent(loaded):
+    """ComfyUI's KSAMPLER start (noise_scaling over an empty latent) gives back our σ-space start latent, also
+    when σ₀ is the model's σ_max (999-step grid, strength 1), where ComfyUI scales by √(1+σ²) instead of σ."""
+    from types import SimpleNamespace
+
+    import comfy.samplers
+
+    from core import diffusion
+
+    bridge, model, _, _ = loaded
+    ms = bridge.model_sampling(model)
+    wrap = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=ms))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    for t in (581, 999):
+        sigma0 = torch.tensor([diffusion.sigma_at(t)])
+        noise = bridge.start_noise(model, x, float(sigma0))
+        at_max = comfy.samplers.KSAMPLER(None).max_denoise(wrap, sigma0)  # ComfyUI's own rule
+        assert at_max == (t == 999)
+        started = ms.noise_scaling(sigma0, noise.clone(), torch.zeros_like(x), at_max)
+        torch.testing.assert_close(started, x, atol=1e-5, rtol=1e-5)
