@@ -316,7 +316,7 @@ def train_msi(backend, image: torch.Tensor, *, mode: str = "faithful", steps: Op
     with ``seed`` and ε from a generator on the backend's device, so a run is reproducible per seed and device.
 
     ``autocast_dtype`` (e.g. torch.bfloat16) autocasts the UNet call; MSI parameters and the loss stay fp32.
-    ``progress(step, total, info)`` runs every step with ``info = {"loss": float, "loss_step": int,
+    ``progress(done, total, info)`` runs after every step (done = 1 … total) with ``info = {"loss": float, "loss_step": int,
     "loss_tensor": 0-d tensor}``: ``loss`` is the mean loss of the steps since the previous sync, which happens
     every ``loss_sync_every`` steps (default 1 on CPU, 25 on accelerators, so the loop does not wait for the
     device each step); ``loss_step`` is the step it was synced at; ``loss_tensor`` is this step's loss, unsynced.
@@ -385,7 +385,7 @@ def train_msi(backend, image: torch.Tensor, *, mode: str = "faithful", steps: Op
                 synced_loss = float(loss_buf[last_sync:step + 1].mean())
                 synced_step, last_sync = step, step + 1
             if progress is not None:
-                progress(step, steps, {"loss": synced_loss, "loss_step": synced_step, "loss_tensor": loss.detach()})
+                progress(step + 1, steps, {"loss": synced_loss, "loss_step": synced_step, "loss_tensor": loss.detach()})
 
     msi.eval()
     with torch.no_grad():

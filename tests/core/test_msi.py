@@ -183,7 +183,7 @@ def test_backend_weights_stay_frozen(toy, image):
 def test_progress_every_step_and_loss_sync(toy, image):
     calls = []
     r = train_msi(toy, image, mode="lite", steps=6, progress=lambda s, n, info: calls.append((s, n, dict(info))))
-    assert [c[0] for c in calls] == list(range(6)) and all(c[1] == 6 for c in calls)
+    assert [c[0] for c in calls] == list(range(1, 7)) and all(c[1] == 6 for c in calls)
     assert [c[2]["loss"] for c in calls] == pytest.approx(r.losses)  # CPU: synced every step
     calls.clear()
     r = train_msi(toy, image, mode="lite", steps=6, loss_sync_every=4,
@@ -207,7 +207,7 @@ def test_cancel_stops_training(toy, image):
     progress = []
     with pytest.raises(CancelledError):
         train_msi(toy, image, mode="lite", steps=50, cancel=cancel, progress=lambda *a: progress.append(a[0]))
-    assert progress == [0, 1, 2]
+    assert progress == [1, 2, 3]
 
 
 def test_bf16_autocast_runs(toy, image):
