@@ -26,15 +26,19 @@ NUM_STAGES = NUM_TRAIN_TIMESTEPS // STAGE_WIDTH
 MAX_DDIM_STEPS = NUM_TRAIN_TIMESTEPS - 1
 
 
-@lru_cache(maxsize=None)
-def _alphas_cumprod_cached() -> torch.Tensor:
-    betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
 def scaled_linear_betas() -> torch.Tensor:
     """SD's "scaled linear" β schedule: linspace(√0.00085, √0.012, 1000)², float64 [1000]."""
     return torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+
+
+@lru_cache(maxsize=None)
+def _alphas_cumprod_cached() -> torch.Tensor:
+    return torch.cumprod(1.0 - scaled_linear_betas(), dim=0)
+
+
+@lru_cache(maxsize=None)
+def _log_sigmas_cached() -> torch.Tensor:
+    return sigma_table().log()
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -61,14 +65,12 @@ def sigma_at(t: int) -> float:
 
 def sigma_table() -> torch.Tensor:
     """σ_t for t = 0..999, float64 [1000], increasing (0.0292 … 14.61)."""
-    a = _alphas_cumprod_cached()
-    return ((1 - a) / a).sqrt()
+    return sigma_from_alpha_bar(_alphas_cumprod_cached())
 
 
 def timestep_from_sigma(sigma: float) -> int:
     """Nearest integer timestep to σ in log-σ (the same lookup ComfyUI's ModelSamplingDiscrete uses)."""
-    log_sigmas = sigma_table().log()
-    return int((log_sigmas - math.log(max(float(sigma), 1e-12))).abs().argmin())
+    return int((_log_sigmas_cached() - math.log(max(float(sigma), 1e-12))).abs().argmin())
 
 
 def ddim_timesteps(num_steps: int) -> list[int]:

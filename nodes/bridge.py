@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import math
 import os
 import time
@@ -36,8 +35,6 @@ from ..core.errors import WeightsNotFoundError
 from ..core.energies import prepare_for_autograd
 from ..core.fingerprint import unet_fingerprint
 from ..core.text_encoder import CLIPTextEncoder, PlaceholderConditioner
-
-log = logging.getLogger("diff_privacy")
 
 RECOGNIZER_FOLDER = "face_recognition"
 KEYS_FOLDER = "diff_privacy_keys"
@@ -289,6 +286,7 @@ class PrivacyGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": conditioning})
         self.guidance_factory = guidance_factory
         self._guidance = None
+        self._host_sigmas: tuple = (None, [])
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         denoised = super().predict_noise(x, timestep, model_options, seed)
@@ -297,26 +295,26 @@ class PrivacyGuider(comfy.samplers.CFGGuider):
         if self._guidance is None:
             self._guidance = self.guidance_factory()
         sigma = float(timestep.flatten()[0])
-        t = int(model_sampling(self.model_patcher).timestep(timestep.flatten()[:1]).round().item())
-        rho = self._guidance.step_size(t)
+        rho = self._guidance.step_size(diffusion.timestep_from_sigma(sigma))
         if rho <= 0:
             return denoised
-        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        sigma_next = _next_sigma(sigmas, sigma)
+        sigma_next = self._next_sigma(model_options.get("transformer_options", {}).get("sample_sigmas"), sigma)
         g, _ = self._guidance.gradient(denoised)
         shrink = 1.0 - sigma_next / sigma if sigma > 0 else 1.0
         factor = rho * math.sqrt(1.0 + sigma_next ** 2) / max(shrink, 1e-3)
         return denoised - factor * g.to(denoised.dtype)
 
-
-def _next_sigma(sigmas, sigma: float) -> float:
-    if sigmas is None:
+    def _next_sigma(self, sigmas, sigma: float) -> float:
+        """The σ after ``sigma`` in the run's schedule (copied to the host once per run); 0 when unknown."""
+        if sigmas is None:
+            return 0.0
+        if self._host_sigmas[0] is not sigmas:
+            self._host_sigmas = (sigmas, [float(s) for s in sigmas.flatten().cpu()])
+        values = self._host_sigmas[1]
+        for a, b in zip(values, values[1:]):
+            if abs(a - sigma) <= 1e-4 * max(1.0, a):
+                return b
         return 0.0
-    values = [float(s) for s in sigmas.flatten().cpu()]
-    for a, b in zip(values, values[1:]):
-        if abs(a - sigma) <= 1e-4 * max(1.0, a):
-            return b
-    return 0.0
 
 
 def guided_ddim_sampler(run_loop: Callable) -> comfy.samplers.KSAMPLER:
@@ -403,8 +401,9 @@ class ComfyBackend:
         # ComfyUI never trains the base model but leaves requires_grad on; with autograd on (MSI) that would
         # make every UNet weight a gradient target (and save the inference-mode conditioning for backward)
         self.base.requires_grad_(False)
-        self.ms = model_sampling(self.model)
-        self.token_dim = int(self.base.diffusion_model.context_dim if hasattr(self.base.diffusion_model, "context_dim") else 768)
+        # the conditioning width is what the UNet's cross-attention keys read (768 for SD1.x)
+        self.token_dim = next(int(m.weight.shape[1]) for name, m in self.base.diffusion_model.named_modules()
+                              if name.endswith("attn2.to_k"))
         self._decoder = None
         self._text = None
         self.gradient_checkpointing = False

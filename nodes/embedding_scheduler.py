@@ -1,7 +1,6 @@
 """Embedding Scheduler: MSI stage conditionings at high noise, null text at low noise, as one CONDITIONING."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..core.schedules import PRESET_SWITCH_TIMESTEPS, EmbeddingSchedule, check_tiling
@@ -56,5 +55,4 @@ class EmbeddingScheduler(io.ComfyNode):
     @classmethod
     def execute(cls, embeds, null_conditioning, task, switch_timestep) -> io.NodeOutput:
         t_sw = switch_timestep if task == "custom" else PRESET_SWITCH_TIMESTEPS[task]
-        with torch.inference_mode(False):
-            return io.NodeOutput(scheduled_conditioning(embeds, null_conditioning, EmbeddingSchedule(t_sw)))
+        return io.NodeOutput(scheduled_conditioning(embeds, null_conditioning, EmbeddingSchedule(t_sw)))
