@@ -73,14 +73,27 @@ def timestep_from_sigma(sigma: float) -> int:
     return int((_log_sigmas_cached() - math.log(max(float(sigma), 1e-12))).abs().argmin())
 
 
+def check_num_steps(num_steps: int, what: str = "num_steps") -> int:
+    """Validate a DDIM step count and return it as an int.
+
+    Raises:
+        ValueError: unless 1 ≤ num_steps ≤ 999. 1000 steps would put the offset grid (below) at t = 1000, past
+            the ᾱ table; LDM's own DDIM fails there too.
+    """
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= int(num_steps) <= MAX_DDIM_STEPS:
+        raise ValueError(f"{what} must be an integer in [1, {MAX_DDIM_STEPS}], got {num_steps}")
+    return int(num_steps)
+
+
 def ddim_timesteps(num_steps: int) -> list[int]:
     """DDIM grid with steps_offset = 1, descending: 50 → [981, 961, …, 21, 1]; 100 → [991, …, 1].
 
     Same as LDM's ``make_ddim_timesteps(uniform)`` + 1 and diffusers' DDIMScheduler(steps_offset=1).
+
+    Raises:
+        ValueError: from :func:`check_num_steps`.
     """
-    if not 1 <= num_steps <= MAX_DDIM_STEPS:
-        # 1000 steps would put the offset grid at t = 1000, past the ᾱ table (LDM fails there too)
-        raise ValueError(f"num_steps must be in [1, {MAX_DDIM_STEPS}], got {num_steps}")
+    num_steps = check_num_steps(num_steps)
     stride = NUM_TRAIN_TIMESTEPS // num_steps
     return [k * stride + 1 for k in range(num_steps)][::-1]
 
@@ -175,17 +188,34 @@ def sigma_to_vp_space(x_sigma: torch.Tensor, sigma: float) -> torch.Tensor:
     return x_sigma / math.sqrt(1.0 + sigma * sigma)
 
 
-def q_sample(z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-    """Forward noising in VP space: √ᾱ_t·z₀ + √(1−ᾱ_t)·ε."""
+def alpha_bar_table(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ᾱ_t for t = 0..999 as a [1000] tensor on ``device`` (cached per device and dtype, so a loop indexes it on
+    the device without copying the table each step). Treat it as read-only."""
+    return _alpha_bar_table(str(torch.device(device)), dtype)
+
+
+@lru_cache(maxsize=None)
+def _alpha_bar_table(device: str, dtype: torch.dtype) -> torch.Tensor:
+    return _alphas_cumprod_cached().to(device=device, dtype=dtype)
+
+
+def q_sample(z0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """Forward noising in VP space (DDPM, Ho et al. 2020, eq. 4): z_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε.
+
+    Args:
+        z0: clean scaled latents [B,C,h,w].
+        noise: ε, same shape as ``z0``.
+        t: one integer timestep in [0, 999], or a long tensor [B] of per-sample timesteps on ``z0``'s device
+            (ᾱ is then gathered on the device, no host round trip).
+
+    Returns:
+        z_t, same shape and dtype as ``z0``.
+    """
+    if isinstance(t, torch.Tensor):
+        a = alpha_bar_table(z0.device, torch.float32)[t.long()].view(-1, *([1] * (z0.dim() - 1)))
+        return (a.sqrt() * z0 + (1 - a).sqrt() * noise).to(z0.dtype)
     a = alpha_bar(t)
     return math.sqrt(a) * z0 + math.sqrt(1.0 - a) * noise
-
-
-def add_noise_batch(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Forward noising for a batch of integer timesteps t [B] (long, any device) in VP space."""
-    a = _alphas_cumprod_cached().to(device=z0.device, dtype=torch.float32)[t.long()]
-    a = a.view(-1, *([1] * (z0.dim() - 1)))
-    return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
 def stage_of_timestep(t: int, stage_width: int = STAGE_WIDTH) -> int:

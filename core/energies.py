@@ -8,10 +8,8 @@ Energies are computed in at least float32 (float64 inputs stay float64 so finite
 The guidance gradient is taken w.r.t. the clean-latent estimate x̂₀ (official, "x0") or w.r.t. the noisy
 latent through the denoiser ("xt"); the sampler (core/sampling.py) applies it.
 
-Autograd under ComfyUI: every node runs inside ``torch.inference_mode()``, so model weights, latents and
-reference embeddings arrive as inference tensors. :meth:`IdentityGuidance.gradient` opens
-``inference_mode(False)`` + ``enable_grad()``, clones what it differentiates, and swaps inference-tensor
-weights of the modules it differentiates through for normal clones (:func:`prepare_for_autograd`).
+The gradients work when the caller runs under ``torch.inference_mode()`` (ComfyUI): they use the helpers of
+core/autograd.py, which explains why they are needed.
 """
 from __future__ import annotations
 
@@ -23,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autograd import explain_inference_error, normal_tensors, prepare_for_autograd
 from .diffusion import STAGE_WIDTH, seeded_noise
 
 MODES = ("anonymize", "hide")
 TARGETS = ("x0", "xt")
+_PREPARE_HINT = ("list the modules behind `decode` (and behind the denoiser for target 'xt') in "
+                 "IdentityGuidance.autograd_modules so their weights are cloned for autograd")
 
 
 # ------------------------------------------------------------------------------------------ energies
@@ -122,40 +123,6 @@ class StepSizeSchedule:
             if t > threshold:
                 return rho
         return self.default
-
-
-# --------------------------------------------------------------------------- autograd under ComfyUI
-def prepare_for_autograd(*modules: nn.Module) -> int:
-    """Replace inference-tensor parameters and buffers of ``modules`` by normal clones, in place.
-
-    Weights created under ``torch.inference_mode()`` (all ComfyUI models) cannot be saved for backward, so
-    no gradient can flow *through* such a module even w.r.t. its input. The clones keep device, dtype and
-    values; replaced parameters get ``requires_grad=False``. Returns how many tensors were replaced (0 when
-    the modules are already fine, which costs one pass over their tensors).
-    """
-    replaced = 0
-    with torch.inference_mode(False):
-        for module in modules:
-            for sub in module.modules():
-                for name, p in list(sub._parameters.items()):
-                    if p is not None and p.is_inference():
-                        sub._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
-                        replaced += 1
-                for name, b in list(sub._buffers.items()):
-                    if b is not None and b.is_inference():
-                        sub._buffers[name] = b.clone()
-                        replaced += 1
-    return replaced
-
-
-def _explain_inference_error(err: RuntimeError) -> RuntimeError:
-    if "nference tensor" not in str(err):
-        return err
-    return RuntimeError(
-        f"{err}. A module used by the guidance gradient holds weights created under torch.inference_mode(); "
-        "list the modules behind `decode` (and behind the denoiser for target 'xt') in "
-        "IdentityGuidance.autograd_modules so their weights are cloned for autograd."
-    )
 
 
 def straight_through_clamp(image: torch.Tensor, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
@@ -270,13 +237,13 @@ class IdentityGuidance:
         Returns (g [B,4,h,w] float32, clipped if ``max_grad_norm``; E detached scalar tensor).
         """
         self._prepare_modules()
-        with torch.inference_mode(False), torch.enable_grad():
+        with normal_tensors(grad=True):
             leaf = x0.detach().clone().requires_grad_(True)
             try:
                 energy = self.energy(leaf)
                 (g,) = torch.autograd.grad(energy, leaf)
             except RuntimeError as err:
-                raise _explain_inference_error(err) from err
+                raise explain_inference_error(err, _PREPARE_HINT) from err
             return self.clip(g.float()), energy.detach()
 
     def gradient_through(
@@ -288,14 +255,14 @@ class IdentityGuidance:
         the sampler needs one denoiser call per step. ``x`` may be an inference tensor.
         """
         self._prepare_modules()
-        with torch.inference_mode(False), torch.enable_grad():
+        with normal_tensors(grad=True):
             leaf = x.detach().clone().requires_grad_(True)
             try:
                 x0 = fn(leaf)
                 energy = self.energy(x0)
                 (g,) = torch.autograd.grad(energy, leaf)
             except RuntimeError as err:
-                raise _explain_inference_error(err) from err
+                raise explain_inference_error(err, _PREPARE_HINT) from err
             return self.clip(g.float()), energy.detach(), x0.detach()
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .autograd import normal_tensors
 from .errors import FaceNotFoundError, InvalidImageError, MultipleFacesError
 
 MIN_SHORT_SIDE = 64
@@ -131,7 +132,7 @@ def get_mtcnn(device: torch.device | str = "cpu"):
         if key not in _MTCNN_CACHE:
             from facenet_pytorch import MTCNN
 
-            with torch.inference_mode(False):
+            with normal_tensors():
                 _MTCNN_CACHE[key] = MTCNN(keep_all=True, select_largest=True, device=torch.device(device)).eval()
         return _MTCNN_CACHE[key]
 

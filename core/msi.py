@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .diffusion import NUM_STAGES, NUM_TRAIN_TIMESTEPS, add_noise_batch, alphas_cumprod, stage_of_timestep
+from .backend import DiffusionBackend, VisionEncoder
+from .diffusion import NUM_STAGES, NUM_TRAIN_TIMESTEPS, q_sample, stage_of_timestep
 from .errors import InvalidImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -40,8 +41,13 @@ CLIP_SIZE = 224
 FEATURE_LAYERS = (3, 7, 11, 15, -1)
 NUM_LEVELS = len(FEATURE_LAYERS)
 
+MODES = ("faithful", "lite")
+#: Optimisation steps and AdamW learning rate per mode. faithful: the release's v1-finetune.yaml
+#: (max_steps 6100, base_learning_rate 1e-4); lite: textual-inversion practice (method.md §8.1 item 7).
 FAITHFUL_STEPS, LITE_STEPS = 6100, 1500
 FAITHFUL_LR, LITE_LR = 1e-4, 5e-3
+DEFAULT_STEPS = {"faithful": FAITHFUL_STEPS, "lite": LITE_STEPS}
+DEFAULT_LR = {"faithful": FAITHFUL_LR, "lite": LITE_LR}
 LITE_INIT_WORD = "face"
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -203,6 +209,63 @@ class MSILite(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class MSIOptions:
+    """How :func:`train_msi` fits MSI to one image. Defaults are the release's (faithful mode).
+
+    Attributes:
+        mode: "faithful" (the released network on CLIP-vision features) or "lite" (ten raw tokens).
+        steps: optimisation steps ≥ 0 (release: 6100; lite default 1500). 0 returns the initial tokens.
+        lr: AdamW learning rate > 0 (release: 1e-4; lite default 5e-3).
+        weight_decay: AdamW weight decay ≥ 0 (PyTorch's AdamW default 0.01, used by the release).
+        seed: seeds timesteps, flips, ε and dropout (release: 23, the default of its main.py).
+        timesteps_per_step: (t, ε) pairs per optimisation step, ≥ 1; one UNet call on that batch with the same
+            expected gradient as batch 1 (release: 1).
+        uint8_quirk: reproduce the release's uint8 cast of [−1, 1] pixels before CLIP (faithful only).
+        hflip: random horizontal flips, as the release's data loader (p = 0.5).
+        grad_checkpointing: UNet activation checkpointing during training (release: on).
+        autocast_dtype: autocast the UNet call to this dtype (e.g. torch.bfloat16); None = no autocast.
+        loss_sync_every: read the loss back to the host every this many steps; None = 1 on CPU, 25 elsewhere.
+
+    Raises:
+        ValueError: on a value outside those ranges (when constructed).
+    """
+
+    mode: str = "faithful"
+    steps: int = FAITHFUL_STEPS
+    lr: float = FAITHFUL_LR
+    weight_decay: float = 0.01
+    seed: int = 23
+    timesteps_per_step: int = 1
+    uint8_quirk: bool = False
+    hflip: bool = True
+    grad_checkpointing: bool = True
+    autocast_dtype: Optional[torch.dtype] = None
+    loss_sync_every: Optional[int] = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be 'faithful' or 'lite', got {self.mode!r}")
+        if int(self.steps) != self.steps or self.steps < 0:
+            raise ValueError(f"steps must be an integer ≥ 0, got {self.steps}")
+        if int(self.timesteps_per_step) != self.timesteps_per_step or self.timesteps_per_step < 1:
+            raise ValueError(f"timesteps_per_step must be an integer ≥ 1, got {self.timesteps_per_step}")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.weight_decay)
+                                                               and self.weight_decay >= 0):
+            raise ValueError(f"lr must be > 0 and weight_decay ≥ 0, got {self.lr}, {self.weight_decay}")
+        if self.loss_sync_every is not None and self.loss_sync_every < 1:
+            raise ValueError(f"loss_sync_every must be ≥ 1 or None, got {self.loss_sync_every}")
+
+    @classmethod
+    def preset(cls, mode: str = "faithful", **overrides: Any) -> "MSIOptions":
+        """The defaults of ``mode`` (its steps and learning rate) with ``overrides`` applied."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'faithful' or 'lite', got {mode!r}")
+        fields = {"mode": mode, "steps": DEFAULT_STEPS[mode], "lr": DEFAULT_LR[mode]}
+        fields.update(overrides)
+        return cls(**fields)
+
+
 @dataclass
 class MSIResult:
     """Outcome of :func:`train_msi`, all tensors float32 on the backend's device.
@@ -232,12 +295,6 @@ def _check_image(image: torch.Tensor) -> None:
     lo, hi = float(image.min()), float(image.max())
     if lo < -1.001 or hi > 1.001:
         raise InvalidImageError(f"Image values must lie in [−1,1] (got [{lo:.3g}, {hi:.3g}]); map [0,1] with x·2−1.")
-
-
-def q_sample_batch(z0: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
-    """z_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε for per-sample ᾱ_t [B] already on z0's device (no table transfer)."""
-    a = abar_t.view(-1, *([1] * (z0.dim() - 1)))
-    return a.sqrt() * z0 + (1 - a).sqrt() * eps
 
 
 @contextlib.contextmanager
@@ -301,41 +358,38 @@ def _stage_cond_batch(backend, msi: nn.Module, feats: Optional[torch.Tensor], st
     return torch.stack([conds[index[key]] for key in keyed])
 
 
-def train_msi(backend, image: torch.Tensor, *, mode: str = "faithful", steps: Optional[int] = None,
-              lr: Optional[float] = None, weight_decay: float = 0.01, seed: int = 23, timesteps_per_step: int = 1,
-              vision=None, uint8_quirk: bool = False, hflip: bool = True, grad_checkpointing: bool = True,
-              autocast_dtype: Optional[torch.dtype] = None, progress: Optional[ProgressFn] = None,
-              cancel: Optional[Callable[[], None]] = None, loss_sync_every: Optional[int] = None) -> MSIResult:
+def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOptions = MSIOptions(), *,
+              vision: Optional[VisionEncoder] = None, progress: Optional[ProgressFn] = None,
+              cancel: Optional[Callable[[], None]] = None) -> MSIResult:
     """Fit MSI to one image [1,3,H,W] in [−1,1] against a frozen backend; returns the 10 stage conditionings.
 
-    Each step draws ``timesteps_per_step`` pairs t ~ U{0..999}, ε ~ N(0,I) (one UNet call on that batch; the
-    expected gradient is the batch-1 one), a horizontal flip per pair when ``hflip`` (features and latents of
-    both flips are computed once up front), builds c_{⌊t/100⌋} for the distinct stages only, and takes an
-    AdamW step on the MSI parameters alone. Defaults follow the release: faithful 6100 steps at lr 1e-4,
-    lite 1500 steps at 5e-3, weight decay 0.01, seed 23. Timesteps and flips come from a CPU generator seeded
-    with ``seed`` and ε from a generator on the backend's device, so a run is reproducible per seed and device.
+    Each step draws ``options.timesteps_per_step`` pairs t ~ U{0..999}, ε ~ N(0,I) (one UNet call on that batch;
+    the expected gradient is the batch-1 one), a horizontal flip per pair when ``options.hflip`` (features and
+    latents of both flips are computed once up front), builds c_{⌊t/100⌋} for the distinct stages only, and
+    takes an AdamW step on the MSI parameters alone. Timesteps and flips come from a CPU generator seeded with
+    ``options.seed`` and ε from a generator on the backend's device, so a run is reproducible per seed and device.
 
-    ``autocast_dtype`` (e.g. torch.bfloat16) autocasts the UNet call; MSI parameters and the loss stay fp32.
-    ``progress(done, total, info)`` runs after every step (done = 1 … total) with ``info = {"loss": float, "loss_step": int,
-    "loss_tensor": 0-d tensor}``: ``loss`` is the mean loss of the steps since the previous sync, which happens
-    every ``loss_sync_every`` steps (default 1 on CPU, 25 on accelerators, so the loop does not wait for the
-    device each step); ``loss_step`` is the step it was synced at; ``loss_tensor`` is this step's loss, unsynced.
+    ``options.autocast_dtype`` autocasts the UNet call; MSI parameters and the loss stay fp32.
+    ``progress(done, total, info)`` runs after every step (done = 1 … total) with ``info = {"loss": float,
+    "loss_step": int, "loss_tensor": 0-d tensor}``: ``loss`` is the mean loss of the steps since the previous
+    sync, which happens every ``options.loss_sync_every`` steps, so the loop does not wait for the device each
+    step; ``loss_step`` is the step it was synced at; ``loss_tensor`` is this step's loss, unsynced.
     ``cancel()`` runs before every step and aborts by raising.
+
+    Raises:
+        InvalidImageError: for an image that is not one finite RGB image in [−1, 1] with sides divisible by 8.
+        ValueError: faithful mode without ``vision``.
     """
-    if mode not in ("faithful", "lite"):
-        raise ValueError(f"mode must be 'faithful' or 'lite', got {mode!r}")
     _check_image(image)
+    mode = options.mode
     faithful = mode == "faithful"
     if faithful and vision is None:
         raise ValueError("Faithful MSI needs the CLIP ViT-L/14 vision encoder (vision=...): load one from "
                          "models/clip_vision, or use mode='lite', which needs none.")
-    steps = (FAITHFUL_STEPS if faithful else LITE_STEPS) if steps is None else int(steps)
-    lr = (FAITHFUL_LR if faithful else LITE_LR) if lr is None else float(lr)
-    k = int(timesteps_per_step)
-    if steps < 0 or k < 1:
-        raise ValueError(f"steps must be ≥ 0 and timesteps_per_step ≥ 1 (got {steps}, {k})")
+    steps, lr, k, seed = int(options.steps), float(options.lr), int(options.timesteps_per_step), int(options.seed)
+    hflip, uint8_quirk, autocast_dtype = options.hflip, options.uint8_quirk, options.autocast_dtype
     device = torch.device(backend.device)
-    sync_every = loss_sync_every or (1 if device.type == "cpu" else 25)
+    sync_every = options.loss_sync_every or (1 if device.type == "cpu" else 25)
 
     views_img = torch.cat([image, image.flip(-1)]) if hflip else image
     with torch.no_grad():
@@ -347,14 +401,13 @@ def train_msi(backend, image: torch.Tensor, *, mode: str = "faithful", steps: Op
     else:
         msi = MSILite(backend.token_embedding(LITE_INIT_WORD))
     msi = msi.to(device)
-    opt = torch.optim.AdamW(msi.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(msi.parameters(), lr=lr, weight_decay=options.weight_decay)
 
     cpu_gen = torch.Generator().manual_seed(int(seed))
     t_table = torch.randint(0, NUM_TRAIN_TIMESTEPS, (steps, k), generator=cpu_gen)
     view_table = torch.randint(0, z0_views.shape[0], (steps, k), generator=cpu_gen)
     t_host, view_host = t_table.tolist(), view_table.tolist()
     t_dev = t_table.to(device)  # one transfer for the whole run
-    abar_dev = alphas_cumprod().to(device=device, dtype=torch.float32)
     noise_gen = torch.Generator(device=device).manual_seed(int(seed))
     loss_buf = torch.zeros(steps, device=device)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -362,7 +415,7 @@ def train_msi(backend, image: torch.Tensor, *, mode: str = "faithful", steps: Op
 
     msi.train()
     synced_loss, synced_step, last_sync = float("nan"), -1, 0
-    with _frozen(backend), _gradient_checkpointing(backend, grad_checkpointing), _seeded_dropout(seed, device), \
+    with _frozen(backend), _gradient_checkpointing(backend, options.grad_checkpointing), _seeded_dropout(seed, device), \
             torch.enable_grad():
         for step in range(steps):
             if cancel is not None:
@@ -373,7 +426,7 @@ def train_msi(backend, image: torch.Tensor, *, mode: str = "faithful", steps: Op
             z0 = torch.stack([z0_views[v] for v in views])
             eps = torch.randn(z0.shape, generator=noise_gen, device=device)
             t = t_dev[step]
-            z_t = q_sample_batch(z0, eps, abar_dev[t])
+            z_t = q_sample(z0, eps, t)
             with autocast:
                 pred = backend.predict_eps(z_t, t, cond)
             loss = F.mse_loss(pred.float(), eps)
@@ -393,7 +446,7 @@ def train_msi(backend, image: torch.Tensor, *, mode: str = "faithful", steps: Op
         tokens = tokens.float()
         conds = backend.encode_stage_tokens(tokens).float()
     fingerprint = backend.model_fingerprint() if hasattr(backend, "model_fingerprint") else None
-    config = dict(seed=int(seed), lr=lr, weight_decay=weight_decay, timesteps_per_step=k, uint8_quirk=uint8_quirk,
+    config = dict(seed=seed, lr=lr, weight_decay=options.weight_decay, timesteps_per_step=k, uint8_quirk=uint8_quirk,
                   hflip=hflip, autocast_dtype=str(autocast_dtype) if autocast_dtype else None,
                   model_fingerprint=fingerprint)
     return MSIResult(stage_tokens=tokens.detach(), stage_conds=conds.detach(), losses=loss_buf.tolist(), mode=mode,
@@ -424,7 +477,7 @@ def msi_objective(backend, z0: torch.Tensor, stage_conds: torch.Tensor, *, num_t
             eps = eps_all[start:start + batch_size].to(device)
             cond = torch.stack([conds[stage_of_timestep(int(v))] for v in t])
             t = t.to(device)
-            z_t = add_noise_batch(z0.expand(len(t), -1, -1, -1), eps, t)
+            z_t = q_sample(z0.expand(len(t), -1, -1, -1), eps, t)
             pred = backend.predict_eps(z_t, t, cond)
             total = total + F.mse_loss(pred.float(), eps, reduction="sum")
     return float(total) / (num_timesteps * z0[0].numel())

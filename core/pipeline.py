@@ -6,35 +6,88 @@ crop for a crop mode, the fail-closed check). Photos are float [H, W, 3] in [0, 
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from . import faces, msi, sampling
+from .backend import DiffusionBackend, VisionEncoder
+from .diffusion import check_num_steps
+from .energies import MODES as TASKS
 from .energies import BackgroundPaste, IdentityGuidance, StepSizeSchedule, mask_to_latent
 from .errors import ProtectionFailedError
 from .keys import KeyMetadata, PrivacyKeys, check_compatible
+from .msi import MSIOptions
 from .recognizers import FaceCrop, FaceRecognizer, reference_embedding
+from .sampling import SamplingOptions
 from .schedules import EmbeddingSchedule
 
-CROP_MODES = ("official", "ffhq", "whole", "detect")
+#: How the guiding recognizer sees a face (:func:`face_crop_for`); "official" is the release's choice.
+GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
 
 
 @dataclass(frozen=True)
-class TaskPreset:
-    """The official settings of a task (method.md §1): DDIM grid, strength, samples, seed."""
+class ProtectOptions:
+    """Every setting of a whole-photo protection run (:func:`protect_photo`), validated once.
 
-    steps: int
-    strength: float
-    batch_size: int
-    seed: int
+    Attributes:
+        task: "anonymize" or "hide".
+        size: side of the aligned face crop in pixels, a multiple of 8 in [64, 2048] (the paper: 512).
+        msi: MSI settings (default: lite mode's defaults, which need no CLIP vision model).
+        inversion_steps: DDIM steps of the key-I inversion, [1, 999] (the release: 50); recovery uses the same.
+        sampling: the guided sampler's settings; None = the task's official preset
+            (:data:`core.sampling.SAMPLING_PRESETS`).
+        crop: how the recognizer sees the face, one of :data:`GUIDANCE_CROPS`.
+        step_scale: factor ≥ 0 on the task's official step sizes ρ(t).
+        max_identity_similarity: anonymize fails closed if any result's cosine to the source exceeds it, in
+            [−1, 1] (1 disables the check).
+        keep_background: paste the source background back for t < 300 (anonymize only, as the release).
 
+    Raises:
+        ValueError: on a value outside those ranges (when constructed).
+    """
 
-PRESETS = {
-    "anonymize": TaskPreset(steps=50, strength=0.6, batch_size=4, seed=125),
-    "hide": TaskPreset(steps=100, strength=0.8, batch_size=1, seed=100162),
-}
+    task: str = "anonymize"
+    size: int = 512
+    msi: MSIOptions = MSIOptions.preset("lite")
+    inversion_steps: int = 50
+    sampling: Optional[SamplingOptions] = None
+    crop: str = "official"
+    step_scale: float = 1.0
+    max_identity_similarity: float = 0.5
+    keep_background: bool = True
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if int(self.size) != self.size or self.size % 8 or not 64 <= self.size <= 2048:
+            raise ValueError(f"size must be a multiple of 8 in [64, 2048], got {self.size}")
+        check_num_steps(self.inversion_steps, "inversion_steps")
+        if self.crop not in GUIDANCE_CROPS:
+            raise ValueError(f"crop must be one of {GUIDANCE_CROPS}, got {self.crop!r}")
+        if not (math.isfinite(self.step_scale) and self.step_scale >= 0):
+            raise ValueError(f"step_scale must be finite and ≥ 0, got {self.step_scale}")
+        if not -1.0 <= self.max_identity_similarity <= 1.0:
+            raise ValueError(f"max_identity_similarity must be in [-1, 1], got {self.max_identity_similarity}")
+        if self.sampling is None:
+            object.__setattr__(self, "sampling", SamplingOptions.preset(self.task))
+
+    @classmethod
+    def preset(cls, task: str = "anonymize", **overrides: Any) -> "ProtectOptions":
+        """The task's defaults with ``overrides`` applied; ``sampling`` may also be given as a dict of
+        overrides on the task's sampling preset (e.g. ``sampling={"steps": 20}``)."""
+        sampling_overrides = overrides.pop("sampling", None)
+        if isinstance(sampling_overrides, dict):
+            base = SamplingOptions.preset(task) if task in TASKS else None
+            if base is None:
+                raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+            overrides["sampling"] = dataclasses.replace(base, **sampling_overrides)
+        elif sampling_overrides is not None:
+            overrides["sampling"] = sampling_overrides
+        return cls(task=task, **overrides)
 
 
 def face_crop_for(mode: str, recognizer: FaceRecognizer, source: torch.Tensor) -> FaceCrop:
@@ -50,7 +103,7 @@ def face_crop_for(mode: str, recognizer: FaceRecognizer, source: torch.Tensor) -
         return FaceCrop("box", recognizer.input_size, "bilinear", box=tuple(float(v) for v in box), margin=0.1)
     if mode in ("ffhq", "whole"):
         return FaceCrop(mode, recognizer.input_size, "nearest")
-    raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
+    raise ValueError(f"crop mode must be one of {GUIDANCE_CROPS}, got {mode!r}")
 
 
 def check_protected(similarities: torch.Tensor, max_similarity: float) -> None:
@@ -84,22 +137,19 @@ class ProtectedPhoto:
     similarities: torch.Tensor
 
 
-def protect_photo(backend, recognizer: FaceRecognizer, photo: torch.Tensor, *, task: str = "anonymize",
-                  size: int = 512, msi_mode: str = "lite", msi_steps: int | None = None, inversion_steps: int = 50,
-                  steps: int | None = None, strength: float | None = None, batch_size: int | None = None,
-                  seed: int | None = None, crop: str = "official", step_scale: float = 1.0,
-                  max_identity_similarity: float = 0.5, keep_background: bool = True, vision=None,
+def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: torch.Tensor,
+                  options: ProtectOptions = ProtectOptions(), *, vision: Optional[VisionEncoder] = None,
                   progress: Callable[[str, int, int], None] | None = None,
                   cancel: Callable[[], None] | None = None) -> ProtectedPhoto:
     """Anonymize (or hide) the one face of ``photo`` [H,W,3] in [0,1]: align, MSI, key-I inversion, guided
     sampling, fail-closed check, decode, paste back. ``progress(stage, step, total)`` with stage "msi",
-    "inversion" or "sampling". Preset values fill every setting left None."""
-    if task not in PRESETS:
-        raise ValueError(f"task must be one of {sorted(PRESETS)}, got {task!r}")
-    preset = PRESETS[task]
-    steps, strength = steps or preset.steps, strength or preset.strength
-    batch_size = batch_size or preset.batch_size
-    seed = preset.seed if seed is None else seed
+    "inversion" or "sampling"; ``vision`` is needed by faithful MSI only.
+
+    Raises:
+        FaceNotFoundError, MultipleFacesError, InvalidImageError: from face detection and alignment.
+        ProtectionFailedError: anonymize results still match the source above the bound (nothing returned).
+    """
+    task, size = options.task, options.size
 
     def stage(name):
         return None if progress is None else (lambda step, total, info=None: progress(name, step, total))
@@ -107,37 +157,36 @@ def protect_photo(backend, recognizer: FaceRecognizer, photo: torch.Tensor, *, t
     photo = faces.ensure_rgb(photo)
     aligned = faces.align_face(photo, faces.single_face(photo), size=size)
     image = _to_model(aligned.crop, backend.device)
-    fit = msi.train_msi(backend, image, mode=msi_mode, steps=msi_steps, vision=vision, progress=stage("msi"),
-                        cancel=cancel)
+    fit = msi.train_msi(backend, image, options.msi, vision=vision, progress=stage("msi"), cancel=cancel)
     with torch.no_grad():
         z0 = backend.encode_image(image)
-        z_T = sampling.ddim_invert(backend, z0, fit.stage_conds, inversion_steps, progress=stage("inversion"),
-                                   cancel=cancel)
-    face_crop = face_crop_for(crop, recognizer, aligned.crop)
+        z_T = sampling.ddim_invert(backend, z0, fit.stage_conds, options.inversion_steps,
+                                   progress=stage("inversion"), cancel=cancel)
+    face_crop = face_crop_for(options.crop, recognizer, aligned.crop)
     guidance = IdentityGuidance(decode=backend.decode_latent, recognizer=recognizer, crop=face_crop,
                                 source_embedding=reference_embedding(recognizer, face_crop, image), mode=task,
-                                step_size=StepSizeSchedule.preset(task).scaled(step_scale))
+                                step_size=StepSizeSchedule.preset(task).scaled(options.step_scale))
     background = None
-    if keep_background and task == "anonymize":
+    if options.keep_background and task == "anonymize":
         mask = 1.0 - faces.face_mask_in_crop(size, device=z0.device)
         background = BackgroundPaste(mask_to_latent(mask, tuple(z0.shape[-2:])), z0)
     latents = sampling.protect(backend, z0, fit.stage_conds, backend.null_conditioning(), guidance,
-                               task_schedule=EmbeddingSchedule.preset(task), num_steps=steps, strength=strength,
-                               batch_size=batch_size, seed=seed, background=background,
-                               progress=stage("sampling"), cancel=cancel)
+                               schedule=EmbeddingSchedule.preset(task), options=options.sampling,
+                               background=background, progress=stage("sampling"), cancel=cancel)
     similarities = guidance.similarities(latents)
     if task == "anonymize":
-        check_protected(similarities, max_identity_similarity)
+        check_protected(similarities, options.max_identity_similarity)
     with torch.no_grad():
         crops = _to_photo(backend.decode_latent(latents))
     keys = PrivacyKeys(fit.stage_tokens.detach().cpu(), fit.stage_conds.detach().cpu(), z_T.detach().cpu(),
-                       KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=inversion_steps,
-                                   schedule="recover", msi_mode=msi_mode, image_size=(size, size)))
+                       KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=options.inversion_steps,
+                                   schedule="recover", msi_mode=options.msi.mode, image_size=(size, size)))
     photos = faces.paste_back(photo, crops, aligned)
     return ProtectedPhoto(photos, crops, keys, similarities.detach().cpu())
 
 
-def recover_face(backend, keys: PrivacyKeys, cancel: Callable[[], None] | None = None) -> torch.Tensor:
+def recover_face(backend: DiffusionBackend, keys: PrivacyKeys,
+                 cancel: Callable[[], None] | None = None) -> torch.Tensor:
     """The original aligned face [S,S,3] in [0,1] from its keys (same checkpoint required)."""
     check_compatible(keys, backend.model_fingerprint())
     with torch.no_grad():

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autograd import normal_tensors
 from .errors import IncompatibleWeightsError, WeightsNotFoundError
 
 EMBEDDING_DIM = 512
@@ -177,7 +178,7 @@ class ArcFaceIRSE50(nn.Module):
 
 def build_arcface() -> ArcFaceIRSE50:
     """Random-init ArcFace IR-SE50 in eval mode, built as normal (non-inference) tensors."""
-    with torch.inference_mode(False):
+    with normal_tensors():
         return ArcFaceIRSE50().eval()
 
 
@@ -192,7 +193,7 @@ def build_facenet() -> nn.Module:
     """
     from facenet_pytorch import InceptionResnetV1
 
-    with torch.inference_mode(False):
+    with normal_tensors():
         return InceptionResnetV1(pretrained=None, classify=False).eval()
 
 
@@ -225,7 +226,7 @@ class FaceRecognizer(nn.Module):
         return super().train(False)
 
     def _apply(self, fn, *args, **kwargs):
-        with torch.inference_mode(False):
+        with normal_tensors():
             return super()._apply(fn, *args, **kwargs)
 
     @property
@@ -267,7 +268,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsNotFoundError(
             f"Face-recognition weights not found: '{path}'. Put the file there (it is never downloaded)."
         )
-    with torch.inference_mode(False):
+    with normal_tensors():
         if path.suffix.lower() in (".safetensors", ".sft"):
             from safetensors import SafetensorError
             from safetensors.torch import load_file
@@ -362,7 +363,7 @@ def load_recognizer(
 
     kind: "arcface" (``model_ir_se50.pth``), "facenet" (``20180402-114759-vggface2.pt``; its ``logits.*``
     classifier keys are dropped) or "auto" (detected from the key names). The modules are built under
-    ``torch.inference_mode(False)`` so they hold normal tensors even when the caller runs in inference mode.
+    core.autograd.normal_tensors() so they hold normal tensors even when the caller runs in inference mode.
     """
     if kind not in ("auto", "arcface", "facenet"):
         raise ValueError(f"kind must be 'auto', 'arcface' or 'facenet', got {kind!r}")
@@ -370,7 +371,7 @@ def load_recognizer(
     state_dict = read_state_dict(path)
     if kind == "auto":
         kind = detect_recognizer_kind(state_dict)
-    with torch.inference_mode(False):
+    with normal_tensors():
         if kind == "arcface":
             network, name, size = ArcFaceIRSE50(), ARCFACE_NAME, ARCFACE_INPUT_SIZE
         else:
@@ -541,6 +542,6 @@ def reference_embedding(recognizer: FaceRecognizer, crop: FaceCrop, image: torch
     """
     if image.ndim == 3:
         image = image.unsqueeze(0)
-    with torch.inference_mode(False), torch.no_grad():
+    with normal_tensors(grad=False):
         embeddings = recognizer(crop(image.to(recognizer.device)))
         return F.normalize(embeddings.mean(dim=0, keepdim=True), p=2, dim=1)

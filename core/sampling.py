@@ -11,15 +11,18 @@ device synchronisation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from .autograd import as_normal
 from .backend import DiffusionBackend
 from .diffusion import (
     NUM_STAGES,
     NUM_TRAIN_TIMESTEPS,
     alpha_bar,
+    check_num_steps,
     ddim_step,
     ddim_step_sigma,
     ddim_timesteps,
@@ -40,11 +43,6 @@ from .schedules import EmbeddingSchedule
 #: denoise(x_σ [B,4,h,w], σ, t) → x̂₀ [B,4,h,w]
 Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
 Progress = Callable[[int, int, dict], None]
-
-
-def to_vp(x: torch.Tensor, sigma_last: float) -> torch.Tensor:
-    """σ-space latent at σ_last → VP latent x_t = x_σ/√(1+σ_last²) (identity for σ_last = 0)."""
-    return sigma_to_vp_space(x, float(sigma_last))
 
 
 def _host_sigmas(sigmas) -> list[float]:
@@ -89,7 +87,7 @@ def sample_guided_ddim(
     energy gradient (w.r.t. x̂₀ for target "x0", w.r.t. the VP latent for "xt"), then the background paste.
     ``cancel()`` is called before each step (it raises to abort); ``callback(info)`` after each step with
     keys i, t, sigma, x (the new latent), denoised (x̂₀) and energy (scalar tensor or None).
-    Returns the σ-space latent at sigmas[-1] (use :func:`to_vp` for the VP latent).
+    Returns the σ-space latent at sigmas[-1] (``sigma_to_vp_space(x, sigmas[-1])`` gives the VP latent).
     """
     sig = _host_sigmas(sigmas)
     n = len(sig) - 1
@@ -145,8 +143,8 @@ def make_backend_denoiser(
 
     def cond_for(stage: int | None, device: torch.device) -> torch.Tensor:
         # grad-enabled calls (target "xt") must not feed inference tensors to ops that save them
-        needs_clone = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-        key = (stage, device, needs_clone)
+        needs_normal = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        key = (stage, device, needs_normal)
         if key not in cache:
             if stage is None:
                 if null_cond is None:
@@ -155,8 +153,8 @@ def make_backend_denoiser(
             else:
                 c = conds[stage : stage + 1]
             c = c.to(device)
-            if needs_clone and c.is_inference():
-                c = c.clone()
+            if needs_normal:
+                c = as_normal(c)
             cache[key] = c.expand(batch_size, -1, -1)
         return cache[key]
 
@@ -171,12 +169,116 @@ def make_backend_denoiser(
     return denoise
 
 
+# ------------------------------------------------------------------------------------- run plans
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a protection run samples (method.md §8.6): DDIM grid size, strength, samples per face, seed.
+
+    Attributes:
+        steps: DDIM grid size N in [1, 999] (official: 50 anonymize, 100 hide).
+        strength: fraction of the grid that is re-noised, in (0, 1] (official: 0.6 / 0.8); denoising runs
+            int(strength·N) steps (:func:`core.diffusion.strength_start`).
+        batch_size: samples B of each source face, ≥ 1 (official: 4 / 1).
+        seed: noise seed ≥ 0; sample b uses ``seeded_noise(seed, b)`` (official: 125 / 100162).
+
+    Raises:
+        ValueError: on any value outside those ranges (when constructed).
+    """
+
+    steps: int
+    strength: float
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        check_num_steps(self.steps, "steps")
+        strength_start(self.steps, self.strength)  # raises for a strength outside (0, 1] or one leaving no step
+        if isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer ≥ 1, got {self.batch_size}")
+        if int(self.seed) != self.seed or self.seed < 0:
+            raise ValueError(f"seed must be an integer ≥ 0, got {self.seed}")
+
+    @classmethod
+    def preset(cls, task: str) -> "SamplingOptions":
+        """The official settings of ``task`` ("anonymize" or "hide"), from the released notebooks."""
+        if task not in SAMPLING_PRESETS:
+            raise ValueError(f"task must be one of {sorted(SAMPLING_PRESETS)}, got {task!r}")
+        return SAMPLING_PRESETS[task]
+
+
+#: Official sampling settings per task (Anonymization.ipynb / Visual identity information hiding.ipynb).
+SAMPLING_PRESETS = {
+    "anonymize": SamplingOptions(steps=50, strength=0.6, batch_size=4, seed=125),
+    "hide": SamplingOptions(steps=100, strength=0.8, batch_size=1, seed=100162),
+}
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Everything a σ-space run needs before its first step, computed on the host once.
+
+    Attributes:
+        x: σ-space start latent [B,4,h,w] on the source's device and dtype.
+        sigmas: descending σ grid, float64 CPU [n+1]; the last entry is σ_final = σ(0) (official last step).
+        timesteps: the integer DDPM timestep of each of the first n sigmas.
+    """
+
+    x: torch.Tensor
+    sigmas: torch.Tensor
+    timesteps: tuple[int, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def protection_plan(z0: torch.Tensor, options: SamplingOptions) -> SamplingPlan:
+    """The official img2img start for B = ``options.batch_size`` samples of one source latent z0 [1,4,h,w].
+
+    z_τ^(b) = √ᾱ_τ·z₀ + √(1−ᾱ_τ)·ε^(b) with τ = grid[int(strength·N)] and ε^(b) = seeded_noise(seed, b), read in
+    σ space at the first denoising timestep (LDM's off-by-one, method.md §8.5): x_σ = a·z₀ + b·σ_first·ε.
+
+    Raises:
+        ValueError: if z0 is not one latent [1,4,h,w].
+    """
+    if z0.dim() != 4 or z0.shape[0] != 1:
+        raise ValueError(f"source latent must have shape [1,4,h,w], got {tuple(z0.shape)}")
+    start = strength_start(options.steps, options.strength)
+    first = start.denoise_timesteps[0]
+    a, b = img2img_start_scales(start.noise_timestep, first)
+    noise = torch.stack([seeded_noise(tuple(z0.shape[1:]), options.seed, i) for i in range(options.batch_size)])
+    noise = noise.to(device=z0.device, dtype=z0.dtype)
+    x = a * z0 + (b * sigma_at(first)) * noise
+    return SamplingPlan(x, sampling_sigmas(start.denoise_timesteps), tuple(start.denoise_timesteps))
+
+
+def recovery_plan(z_T: torch.Tensor, num_steps: int) -> SamplingPlan:
+    """Recovery from key-I: the full descending grid of ``num_steps`` (must equal the inversion's) down to
+    σ_final = σ(0), starting from z_T [B,4,h,w] (VP) read in σ space at the top of the grid."""
+    grid = ddim_timesteps(num_steps)
+    return SamplingPlan(vp_to_sigma_space(z_T, sigma_at(grid[0])), sampling_sigmas(grid), tuple(grid))
+
+
+def progress_callback(progress: Progress | None, total: int) -> Callable[[dict], None] | None:
+    """Adapt a ``progress(step, total, info)`` callback (step = 1 … total; info: t, sigma, energy) to the
+    per-step ``callback(info)`` of :func:`sample_guided_ddim`."""
+    if progress is None:
+        return None
+    return lambda info: progress(info["i"] + 1, total, {"t": info["t"], "sigma": info["sigma"],
+                                                        "energy": info["energy"]})
+
+
+def run_plan(denoise: Denoiser, plan: SamplingPlan, *, guidance: IdentityGuidance | None = None,
+             background: BackgroundPaste | None = None, callback: Callable[[dict], None] | None = None,
+             cancel: Callable[[], None] | None = None) -> torch.Tensor:
+    """Run :func:`sample_guided_ddim` over a plan with any denoiser (a backend's, or ComfyUI's model inside
+    its sampler stack); returns the VP latent [B,4,h,w] at the plan's last σ."""
+    x = sample_guided_ddim(denoise, plan.x, plan.sigmas, timesteps=plan.timesteps, guidance=guidance,
+                           background=background, callback=callback, cancel=cancel)
+    return sigma_to_vp_space(x, float(plan.sigmas[-1]))
+
+
 # ------------------------------------------------------------------------------ inversion / recovery
-def _check_num_steps(num_steps: int) -> None:
-    if not 1 <= int(num_steps) < NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"num_steps must be in [1, {NUM_TRAIN_TIMESTEPS - 1}] for inversion/recovery, got {num_steps}")
-
-
 @torch.no_grad()
 def ddim_invert(
     backend: DiffusionBackend,
@@ -192,8 +294,10 @@ def ddim_invert(
     Ascends the DDIM grid 1, 1+c, …, with c = 1000 // num_steps. At each t: ε̂ = ε(x, t, c_{⌊t/100⌋}),
     x̂₀ = (x − √(1−ᾱ_t)ε̂)/√ᾱ_t, x ← √ᾱ_next·x̂₀ + √(1−ᾱ_next)·ε̂ with "next" the following grid point and, for
     the last step, t_last + 1 (as in the official code). No CFG.
+
+    Raises:
+        ValueError: for a step count outside [1, 999] or stage conditionings not shaped [10,77,D].
     """
-    _check_num_steps(num_steps)
     conds = stack_stage_conds(stage_conds).to(z0.device)
     grid = ddim_timesteps(num_steps)[::-1]
     nexts = grid[1:] + [min(grid[-1] + 1, NUM_TRAIN_TIMESTEPS - 1)]
@@ -221,45 +325,14 @@ def recover_latent(
     progress: Progress | None = None,
     cancel: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Identity recovery: plain DDIM from the key z_T [B,4,h,w] (VP) with the stage conditionings at every step.
-
-    Descends the full grid of ``num_steps`` (must equal the inversion's) to σ_final = σ(0), as the official
-    code does, and returns the VP latent there (the recovered scaled latent).
-    """
-    _check_num_steps(num_steps)
-    grid = ddim_timesteps(num_steps)
-    sigmas = sampling_sigmas(grid)
+    """Identity recovery: plain DDIM from the key z_T [B,4,h,w] (VP) with the stage conditionings at every step
+    (:func:`recovery_plan`); returns the VP latent at σ(0), the recovered scaled latent."""
+    plan = recovery_plan(z_T, num_steps)
     denoise = make_backend_denoiser(backend, EmbeddingSchedule.preset("recover"), stage_conds, None, z_T.shape[0])
-    x = vp_to_sigma_space(z_T, sigma_at(grid[0]))
-    total = len(grid)
-    report = None if progress is None else (lambda info: progress(info["i"] + 1, total, {"t": info["t"]}))
-    x = sample_guided_ddim(denoise, x, sigmas, timesteps=grid, callback=report, cancel=cancel)
-    return to_vp(x, float(sigmas[-1]))
+    return run_plan(denoise, plan, callback=progress_callback(progress, plan.num_steps), cancel=cancel)
 
 
 # -------------------------------------------------------------------------------------- protection
-def img2img_start(
-    z0: torch.Tensor, num_steps: int, strength: float, batch_size: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Official img2img start for B samples of one source latent z0 [1,4,h,w].
-
-    z_τ^(b) = √ᾱ_τ·z₀ + √(1−ᾱ_τ)·ε^(b) with τ = grid[int(strength·N)] and ε^(b) = seeded_noise(seed, b), read in
-    σ space at the first denoising timestep (LDM's off-by-one): x_σ = a·z₀ + b·σ_first·ε.
-    Returns (x_σ [B,4,h,w] on z0's device/dtype, sigmas float64 [n+1] ending at σ(0), timesteps [n]).
-    """
-    if z0.dim() != 4 or z0.shape[0] != 1:
-        raise ValueError(f"source latent must have shape [1,4,h,w], got {tuple(z0.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    start = strength_start(num_steps, strength)
-    first = start.denoise_timesteps[0]
-    a, b = img2img_start_scales(start.noise_timestep, first)
-    noise = torch.stack([seeded_noise(tuple(z0.shape[1:]), seed, i) for i in range(batch_size)])
-    noise = noise.to(device=z0.device, dtype=z0.dtype)
-    x = a * z0 + (b * sigma_at(first)) * noise
-    return x, sampling_sigmas(start.denoise_timesteps), list(start.denoise_timesteps)
-
-
 def protect(
     backend: DiffusionBackend,
     z0: torch.Tensor,
@@ -267,25 +340,18 @@ def protect(
     null_cond: torch.Tensor | None,
     guidance: IdentityGuidance | None,
     *,
-    task_schedule: EmbeddingSchedule,
-    num_steps: int,
-    strength: float,
-    batch_size: int,
-    seed: int,
+    schedule: EmbeddingSchedule,
+    options: SamplingOptions,
     background: BackgroundPaste | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Anonymize or hide: img2img start, scheduled conditionings, guided DDIM → VP latents [B,4,h,w].
+    """Anonymize or hide: :func:`protection_plan`, scheduled conditionings, guided DDIM → VP latents [B,4,h,w].
 
     ``guidance`` None gives the unguided run with the same noise (a baseline). ``progress(step, total, info)``
     gets info keys t, sigma and energy (scalar tensor or None).
     """
-    x, sigmas, timesteps = img2img_start(z0, num_steps, strength, batch_size, seed)
-    denoise = make_backend_denoiser(backend, task_schedule, stage_conds, null_cond, batch_size)
-    total = len(timesteps)
-    report = None if progress is None else (
-        lambda info: progress(info["i"] + 1, total, {"t": info["t"], "sigma": info["sigma"], "energy": info["energy"]}))
-    x = sample_guided_ddim(denoise, x, sigmas, timesteps=timesteps, guidance=guidance, background=background,
-                           callback=report, cancel=cancel)
-    return to_vp(x, float(sigmas[-1]))
+    plan = protection_plan(z0, options)
+    denoise = make_backend_denoiser(backend, schedule, stage_conds, null_cond, options.batch_size)
+    return run_plan(denoise, plan, guidance=guidance, background=background,
+                    callback=progress_callback(progress, plan.num_steps), cancel=cancel)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .autograd import normal_tensors
 from .errors import IncompatibleWeightsError
 
 
@@ -79,7 +80,7 @@ class CLIPTextEncoder(nn.Module):
         except KeyError as missing:
             raise IncompatibleWeightsError(f"not a CLIP text encoder state dict (missing {missing})") from None
         layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-        with torch.inference_mode(False):
+        with normal_tensors():
             model = cls(vocab, dim, layers, heads or dim // 64, hidden, max_tokens)
         mapped = {}
         for name in model.state_dict():
@@ -97,7 +98,7 @@ class CLIPTextEncoder(nn.Module):
             if key not in sd:
                 raise IncompatibleWeightsError(f"CLIP text encoder weights lack {key!r}")
             mapped[name] = sd[key]
-        with torch.inference_mode(False):
+        with normal_tensors():
             mapped = {k: v.detach().clone().float() for k, v in mapped.items()}
             model.load_state_dict(mapped, strict=True)
         return model.requires_grad_(False).eval()
@@ -120,7 +121,7 @@ class PlaceholderConditioner:
         w.r.t. tokens."""
         device = self.encoder.token_embedding.weight.device
         dtype = self.encoder.token_embedding.weight.dtype
-        with torch.inference_mode(False):
+        with normal_tensors():
             base = self.encoder.token_embedding(self.input_ids.to(device))  # [1, 77, D]
             s = tokens.shape[0]
             embeds = base.expand(s, -1, -1)

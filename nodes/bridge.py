@@ -32,7 +32,7 @@ from server import PromptServer
 
 from ..core import diffusion
 from ..core.errors import WeightsNotFoundError
-from ..core.energies import prepare_for_autograd
+from ..core.autograd import normal_tensors, prepare_for_autograd
 from ..core.fingerprint import unet_fingerprint
 from ..core.text_encoder import CLIPTextEncoder, PlaceholderConditioner
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.energies import StepSizeSchedule
-from ..core.pipeline import CROP_MODES, face_crop_for
+from ..core.pipeline import GUIDANCE_CROPS, face_crop_for
 from ..core.recognizers import load_recognizer, reference_embedding
 from . import bridge
 from .convert import rgb, to_model_image
@@ -66,7 +66,7 @@ class IdentityEnergyGuidance(io.ComfyNode):
                                tooltip="Multiplies the official step sizes (or is ρ for 'constant'); 0 = off."),
                 io.Float.Input("diversity_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="anonymize only: weight of the term pushing the batch's faces apart."),
-                io.Combo.Input("crop", options=list(CROP_MODES), default="official",
+                io.Combo.Input("crop", options=list(GUIDANCE_CROPS), default="official",
                                tooltip="official: ArcFace FFHQ crop / FaceNet whole image; detect: MTCNN box on "
                                        "the source, reused for every sample (robust for unaligned inputs)."),
                 io.Combo.Input("gradient_target", options=["x0", "xt"], default="x0",

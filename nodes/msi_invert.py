@@ -5,12 +5,11 @@ import torch
 from comfy_api.latest import io
 
 from ..core import msi, sampling
+from ..core.autograd import normal_tensors
 from ..core.keys import KeyMetadata
 from . import bridge
 from .convert import to_model_image
 from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
-
-DEFAULT_LR = {"faithful": 1e-4, "lite": 5e-3}
 
 
 class MSIInvert(io.ComfyNode):
@@ -32,10 +31,12 @@ class MSIInvert(io.ComfyNode):
                 io.Combo.Input("mode", options=["faithful", "lite"], default="faithful",
                                tooltip="faithful: the paper's MSI network on CLIP-vision features (needs "
                                        "clip_vision). lite: 10 stage tokens learned directly (faster)."),
-                io.Int.Input("steps", default=6100, min=1, max=100000,
-                             tooltip="Optimisation steps (paper: 6100; lite works with ~1500)."),
-                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=1e-6,
-                               tooltip="AdamW learning rate; 0 = the mode's default (faithful 1e-4, lite 5e-3)."),
+                io.Int.Input("steps", default=msi.FAITHFUL_STEPS, min=1, max=100000,
+                             tooltip=f"Optimisation steps (faithful, the paper: {msi.FAITHFUL_STEPS}; "
+                                     f"lite: {msi.LITE_STEPS} is its default)."),
+                io.Float.Input("learning_rate", default=msi.FAITHFUL_LR, min=1e-6, max=1.0, step=1e-5, round=1e-6,
+                               tooltip=f"AdamW learning rate (faithful, the paper: {msi.FAITHFUL_LR:g}; "
+                                       f"lite: {msi.LITE_LR:g} is its default)."),
                 io.Int.Input("inversion_steps", default=50, min=2, max=999,
                              tooltip="DDIM steps of the inversion that makes key-I; recovery uses the same."),
                 io.Int.Input("timesteps_per_step", default=1, min=1, max=64,
@@ -64,18 +65,17 @@ class MSIInvert(io.ComfyNode):
         backend = bridge.ComfyBackend(model, clip, vae, trainable=True)
         source = to_model_image(image[:1]).to(backend.device)
         vision = bridge.ComfyVisionEncoder(clip_vision) if clip_vision is not None else None
-        lr = learning_rate or DEFAULT_LR[mode]
-        with torch.inference_mode(False):  # MSI's parameters and optimizer state must be normal tensors
-            result = msi.train_msi(backend, source, mode=mode, steps=steps, lr=lr, seed=seed,
-                                   timesteps_per_step=timesteps_per_step, vision=vision,
-                                   uint8_quirk=official_uint8_quirk, progress=bridge.progress_bar(steps, "MSI "),
-                                   cancel=bridge.check_interrupt)
+        options = msi.MSIOptions(mode=mode, steps=steps, lr=learning_rate, seed=seed,
+                                 timesteps_per_step=timesteps_per_step, uint8_quirk=official_uint8_quirk)
+        with normal_tensors():  # MSI's parameters and optimizer state must be normal tensors
+            result = msi.train_msi(backend, source, options, vision=vision,
+                                   progress=bridge.progress_bar(steps, "MSI "), cancel=bridge.check_interrupt)
         z0 = backend.encode_image(source)
         z_T = sampling.ddim_invert(backend, z0, result.stage_conds, inversion_steps,
                                    progress=bridge.progress_bar(inversion_steps), cancel=bridge.check_interrupt)
         metadata = KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=inversion_steps,
                                schedule="recover", msi_mode=mode, image_size=tuple(source.shape[-2:]))
-        with torch.inference_mode(False):
+        with normal_tensors():
             embeds = PrivacyEmbeds(result.stage_tokens.detach().float().cpu().clone(),
                                    result.stage_conds.detach().float().cpu().clone(), metadata)
         latent = bridge.scaled_to_comfy_latent(model, z_T)

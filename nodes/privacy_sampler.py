@@ -1,10 +1,13 @@
 """Privacy Sampler (guided DDIM from a partially noised face) and Recover (DDIM from key-I with key-E)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from comfy_api.latest import io
 
-from ..core import diffusion, sampling
+from ..core import sampling
+from ..core.diffusion import MAX_DDIM_STEPS
 from ..core.energies import BackgroundPaste, IdentityGuidance, mask_to_latent
 from ..core.keys import check_compatible
 from ..core.pipeline import check_protected
@@ -13,6 +16,9 @@ from . import bridge
 from .convert import mask_batch, to_comfy_image, to_model_image
 from .embedding_scheduler import scheduled_conditioning
 from .types import CATEGORY, GuidanceType, PrivacyEmbedsType
+
+#: the widgets' defaults are the official anonymization settings (hide's are in workflows/hide.json)
+ANONYMIZE = sampling.SamplingOptions.preset("anonymize")
 
 
 def bind_guidance(spec, vae, model) -> IdentityGuidance:
@@ -23,26 +29,24 @@ def bind_guidance(spec, vae, model) -> IdentityGuidance:
                             target=spec.target, max_grad_norm=spec.max_grad_norm)
 
 
-def sample_in_comfy(model, conditioning, x_sigma: torch.Tensor, sigmas: torch.Tensor, timesteps: list[int],
-                    seed: int, *, guidance=None, background=None, grad_through_unet: bool = False) -> torch.Tensor:
-    """Run core.sampling.sample_guided_ddim inside ComfyUI's sampler stack; returns VP scaled latents.
+def sample_in_comfy(model, conditioning, plan: sampling.SamplingPlan, seed: int, *, guidance=None, background=None,
+                    grad_through_unet: bool = False) -> torch.Tensor:
+    """Run core.sampling.run_plan inside ComfyUI's sampler stack; returns VP scaled latents.
 
     The start latent x_σ is handed to ComfyUI as a noise over an empty latent that ComfyUI's own start
     (``latent + σ₀·noise``) turns back into exactly x_σ.
     """
     sampler_model = bridge.grad_ready_model(model) if grad_through_unet else model
     guider = bridge.PrivacyGuider(sampler_model, conditioning)
-    sigma_last = float(sigmas[-1])
 
     def run_loop(denoise, x, _device_sigmas, callback):
-        out = sampling.sample_guided_ddim(denoise, x, sigmas, timesteps=timesteps, guidance=guidance,
-                                          background=background, callback=callback, cancel=bridge.check_interrupt)
-        return sampling.to_vp(out, sigma_last)
+        return sampling.run_plan(denoise, dataclasses.replace(plan, x=x), guidance=guidance, background=background,
+                                 callback=callback, cancel=bridge.check_interrupt)
 
-    noise = bridge.start_noise(model, x_sigma, float(sigmas[0]))
-    empty = torch.zeros_like(x_sigma)
+    noise = bridge.start_noise(model, plan.x, float(plan.sigmas[0]))
+    empty = torch.zeros_like(plan.x)
     unscaled = bridge.run_guider(guider, noise, empty, bridge.guided_ddim_sampler(run_loop),
-                                 sigmas.float(), seed, preview_steps=len(timesteps))
+                                 plan.sigmas.float(), seed, preview_steps=plan.num_steps)
     return model.model.process_latent_in(unscaled.to(bridge.torch_device(), torch.float32))
 
 
@@ -61,16 +65,16 @@ class PrivacySampler(io.ComfyNode):
                                             "carries the guidance gradient)."),
                 io.Conditioning.Input("conditioning", tooltip="From Embedding Scheduler."),
                 GuidanceType.Input("guidance", tooltip="From Identity Energy Guidance."),
-                io.Int.Input("steps", default=50, min=2, max=999,
+                io.Int.Input("steps", default=ANONYMIZE.steps, min=2, max=MAX_DDIM_STEPS,
                              tooltip="DDIM grid size (paper: 50 anonymize, 100 hide); denoising runs "
                                      "int(strength·steps) of them."),
-                io.Float.Input("strength", default=0.6, min=0.01, max=1.0, step=0.01,
+                io.Float.Input("strength", default=ANONYMIZE.strength, min=0.01, max=1.0, step=0.01,
                                tooltip="How far the face is noised (paper: 0.6 anonymize → t=601, 0.8 hide → 801)."),
-                io.Int.Input("batch_size", default=4, min=1, max=64,
+                io.Int.Input("batch_size", default=ANONYMIZE.batch_size, min=1, max=64,
                              tooltip="Samples of the one source, each with its own seeded noise (paper: 4 / 1)."),
-                io.Int.Input("seed", default=125, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=ANONYMIZE.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed (paper: 125 anonymize, 100162 hide)."),
-                io.Int.Input("paste_below_timestep", default=300, min=0, max=1000, step=100,
+                io.Int.Input("paste_below_timestep", default=BackgroundPaste.below_timestep, min=0, max=1000, step=100,
                              tooltip="With a background mask: paste the source background back while "
                                      "⌊t/100⌋ < this/100 (paper: 300)."),
                 io.Image.Input("image", optional=True, tooltip="The aligned source face (or give a LATENT)."),
@@ -94,13 +98,14 @@ class PrivacySampler(io.ComfyNode):
             z0 = bridge.encode_image(vae, model, to_comfy_image(to_model_image(image[:1])))
         else:
             raise ValueError("Privacy Sampler needs the source face: connect 'image' (or 'latent').")
-        x, sigmas, timesteps = sampling.img2img_start(z0, steps, strength, batch_size, seed)
+        options = sampling.SamplingOptions(steps=steps, strength=strength, batch_size=batch_size, seed=seed)
+        plan = sampling.protection_plan(z0, options)
         bound = bind_guidance(guidance, vae, model)
         background = None
         if background_mask is not None:
             mask = mask_to_latent(mask_batch(background_mask)[:1].to(z0.device), tuple(z0.shape[-2:]))
             background = BackgroundPaste(mask, z0, below_timestep=paste_below_timestep)
-        z = sample_in_comfy(model, conditioning, x, sigmas, timesteps, seed, guidance=bound, background=background,
+        z = sample_in_comfy(model, conditioning, plan, seed, guidance=bound, background=background,
                             grad_through_unet=guidance.target == "xt")
         if guidance.mode == "anonymize" and guidance.max_identity_similarity < 1.0:
             check_protected(bound.similarities(z), guidance.max_identity_similarity)
@@ -133,12 +138,9 @@ class Recover(io.ComfyNode):
         bridge.load_models(model)
         meta = embeds.metadata
         check_compatible(meta, bridge.model_fingerprint(model))
-        z_T = bridge.comfy_latent_to_scaled(model, key_latent)
-        grid = diffusion.ddim_timesteps(meta.ddim_steps)
-        sigmas = diffusion.sampling_sigmas(grid)
-        x = diffusion.vp_to_sigma_space(z_T, float(sigmas[0]))
+        plan = sampling.recovery_plan(bridge.comfy_latent_to_scaled(model, key_latent), meta.ddim_steps)
         conditioning = scheduled_conditioning(embeds, None, EmbeddingSchedule.preset("recover"))
-        z0 = sample_in_comfy(model, conditioning, x, sigmas, grid, seed=0)
+        z0 = sample_in_comfy(model, conditioning, plan, seed=0)
         images = bridge.decode_to_images(vae, bridge.scaled_to_comfy_latent(model, z0)["samples"])
         bridge.release_memory()
         return io.NodeOutput(images)

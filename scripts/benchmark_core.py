@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from core import msi, sampling  # noqa: E402
+from core.msi import MSIOptions  # noqa: E402
 from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend, load_clip_tokenizer  # noqa: E402
 from core.energies import IdentityGuidance  # noqa: E402
 from core.recognizers import FACENET_INPUT_SIZE, FACENET_NAME, FaceCrop, FaceRecognizer, build_facenet  # noqa: E402
@@ -95,8 +96,9 @@ def main(argv=None) -> int:
         z0 = backend.encode_image(image)
 
     def msi_run(mode: str):
-        return lambda steps: lambda: msi.train_msi(backend, image, mode=mode, steps=steps, vision=vision,
-                                                   grad_checkpointing=device.type == "cuda")
+        return lambda steps: lambda: msi.train_msi(
+            backend, image, MSIOptions.preset(mode, steps=steps, grad_checkpointing=device.type == "cuda"),
+            vision=vision)
 
     t_lite = per_step(msi_run("lite"), args.msi_steps, device, args.repeats)
     t_faithful = per_step(msi_run("faithful"), args.msi_steps, device, args.repeats)
@@ -115,8 +117,8 @@ def main(argv=None) -> int:
         schedule = EmbeddingSchedule.preset(task)
         # strength so that exactly `steps` denoising steps run on a 50-step grid
         return lambda steps: lambda: sampling.protect(
-            backend, z0, conds, null, guidance, task_schedule=schedule, num_steps=50,
-            strength=(steps + 0.5) / 50, batch_size=batch, seed=0)
+            backend, z0, conds, null, guidance, schedule=schedule,
+            options=sampling.SamplingOptions(steps=50, strength=(steps + 0.5) / 50, batch_size=batch, seed=0))
 
     step_cost = {}
     for task, batch in (("anonymize", 4), ("hide", 1)):

@@ -99,10 +99,10 @@ def main(argv=None) -> int:
         conditioning = sched.scheduled_conditioning(embeds, null, schedule)
         num_steps = 50
         strength = min(1.0, args.steps / num_steps)
-        x, sigmas, timesteps = sampling.img2img_start(z0, num_steps, strength, args.batch, seed=0)
+        plan = sampling.protection_plan(z0, sampling.SamplingOptions(num_steps, strength, args.batch, seed=0))
 
         def through_nodes():
-            ps.sample_in_comfy(model, conditioning, x, sigmas, timesteps, 0, guidance=guidance)
+            ps.sample_in_comfy(model, conditioning, plan, 0, guidance=guidance)
 
         backend = bridge.ComfyBackend(model, clip, vae)
         null_cond = backend.null_conditioning()
@@ -110,9 +110,9 @@ def main(argv=None) -> int:
                                                  args.batch)
 
         def through_core():
-            sampling.sample_guided_ddim(denoise, x, sigmas, timesteps=timesteps, guidance=guidance)
+            sampling.run_plan(denoise, plan, guidance=guidance)
 
-        n = len(timesteps)
+        n = plan.num_steps
         t_nodes = timed(through_nodes, args.repeats) / n
         t_core = timed(through_core, args.repeats) / n
     device = bridge.torch_device()

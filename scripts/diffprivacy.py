@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import keys as key_files  # noqa: E402
 from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend  # noqa: E402
 from core.errors import DiffPrivacyError  # noqa: E402
-from core.pipeline import CROP_MODES, PRESETS, protect_photo, recover_face  # noqa: E402
+from core.energies import MODES as TASKS  # noqa: E402
+from core.msi import MSIOptions  # noqa: E402
+from core.pipeline import GUIDANCE_CROPS, ProtectOptions, protect_photo, recover_face  # noqa: E402
 from core.recognizers import load_recognizer  # noqa: E402
 
 PASSPHRASE_ENV = "DIFF_PRIVACY_PASSPHRASE"
@@ -61,7 +63,23 @@ def backend_from(args) -> DiffusersBackend:
                                              dtype=dtype, vae_dtype=torch.float32)
 
 
+def options_from(args, faithful: bool) -> ProtectOptions:
+    """ProtectOptions from the command line: flags left out keep the task's preset values."""
+    msi_overrides = {} if args.msi_steps is None else {"steps": args.msi_steps}
+    sampling = {name: getattr(args, name) for name in ("steps", "strength", "batch_size", "seed")
+                if getattr(args, name) is not None}
+    return ProtectOptions.preset(args.task, size=args.size,
+                                 msi=MSIOptions.preset("faithful" if faithful else "lite", **msi_overrides),
+                                 inversion_steps=args.inversion_steps, sampling=sampling, crop=args.crop,
+                                 step_scale=args.step_scale, max_identity_similarity=args.max_identity_similarity)
+
+
 def protect(args) -> int:
+    try:  # settings are checked before any model is loaded
+        options = options_from(args, faithful=args.clip_vision is not None)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     backend = backend_from(args)
     recognizer = load_recognizer(args.recognizer, "auto", device=backend.device)
     vision = ClipVisionEncoder.from_file(args.clip_vision, device=backend.device) if args.clip_vision else None
@@ -70,11 +88,7 @@ def protect(args) -> int:
     def show(stage: str, step: int, total: int) -> None:
         print(f"\r{stage:9s} {step:5d}/{total}", end="" if step < total else "\n", flush=True)
 
-    result = protect_photo(backend, recognizer, read_photo(args.photo), task=args.task, size=args.size,
-                           msi_mode="faithful" if vision is not None else "lite", msi_steps=args.msi_steps,
-                           inversion_steps=args.inversion_steps, steps=args.steps, strength=args.strength,
-                           batch_size=args.batch_size, seed=args.seed, crop=args.crop, step_scale=args.step_scale,
-                           max_identity_similarity=args.max_identity_similarity, vision=vision, progress=show)
+    result = protect_photo(backend, recognizer, read_photo(args.photo), options, vision=vision, progress=show)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.photo).stem
@@ -107,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.choices["protect"]
     p.add_argument("--recognizer", required=True, help="FaceNet .pt or ArcFace IR-SE50 .pth")
     p.add_argument("--photo", required=True)
-    p.add_argument("--task", choices=sorted(PRESETS), default="anonymize")
+    p.add_argument("--task", choices=TASKS, default="anonymize")
     p.add_argument("--out", default="protected")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--clip-vision", help="CLIP ViT-L/14 vision weights: faithful MSI (default: lite)")
@@ -117,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--crop", choices=CROP_MODES, default="official")
+    p.add_argument("--crop", choices=GUIDANCE_CROPS, default="official")
     p.add_argument("--step-scale", type=float, default=1.0)
     p.add_argument("--max-identity-similarity", type=float, default=0.5)
     sub.choices["recover"].add_argument("--out", default="recovered.png")

@@ -13,6 +13,7 @@ from core.msi import (
     CLIP_STD,
     MSIFaithful,
     MSILite,
+    MSIOptions,
     clip_preprocess,
     msi_objective,
     pooled_clip_features,
@@ -129,7 +130,7 @@ def test_lite_starts_from_the_face_embedding(toy):
     lite = MSILite(toy.token_embedding("face"))
     assert lite().shape == (10, toy.token_dim)
     torch.testing.assert_close(lite(), toy.token_embedding("face").expand(10, -1))
-    r = train_msi(toy, toy_face_image(0), mode="lite", steps=0)
+    r = train_msi(toy, toy_face_image(0), MSIOptions.preset("lite", steps=0))
     torch.testing.assert_close(r.stage_tokens, toy.token_embedding("face").expand(10, -1))
 
 
@@ -137,8 +138,8 @@ def test_lite_starts_from_the_face_embedding(toy):
 @pytest.mark.parametrize("mode,lr", [("lite", 5e-2), ("faithful", 3e-3)])
 def test_training_lowers_the_objective(toy, vision, image, mode, lr):
     z0 = toy.encode_image(image)
-    start = train_msi(toy, image, mode=mode, steps=0, vision=vision)
-    result = train_msi(toy, image, mode=mode, steps=120, lr=lr, timesteps_per_step=4, vision=vision)
+    start = train_msi(toy, image, MSIOptions.preset(mode, steps=0), vision=vision)
+    result = train_msi(toy, image, MSIOptions.preset(mode, steps=120, lr=lr, timesteps_per_step=4), vision=vision)
     before = msi_objective(toy, z0, start.stage_conds, num_timesteps=64, seed=1)
     after = msi_objective(toy, z0, result.stage_conds, num_timesteps=64, seed=1)
     assert after < 0.95 * before, (before, after)
@@ -151,28 +152,29 @@ def test_training_lowers_the_objective(toy, vision, image, mode, lr):
 
 
 def test_training_is_deterministic_per_seed(toy, vision, image):
-    kw = dict(mode="faithful", steps=6, lr=1e-3, vision=vision)
-    a, b = train_msi(toy, image, seed=3, **kw), train_msi(toy, image, seed=3, **kw)
+    def fit(seed):
+        return train_msi(toy, image, MSIOptions.preset("faithful", steps=6, lr=1e-3, seed=seed), vision=vision)
+    a, b = fit(3), fit(3)
     assert a.losses == b.losses
     torch.testing.assert_close(a.stage_tokens, b.stage_tokens, rtol=0, atol=0)
-    c = train_msi(toy, image, seed=4, **kw)
+    c = fit(4)
     assert c.losses != a.losses
 
 
 def test_timesteps_per_step_batches_deterministically(toy, vision, image):
-    kw = dict(mode="lite", steps=5, lr=1e-2, timesteps_per_step=4)
-    a, b = train_msi(toy, image, **kw), train_msi(toy, image, **kw)
+    options = MSIOptions.preset("lite", steps=5, lr=1e-2, timesteps_per_step=4)
+    a, b = train_msi(toy, image, options), train_msi(toy, image, options)
     assert a.losses == b.losses and all(math.isfinite(v) for v in a.losses)
     torch.testing.assert_close(a.stage_tokens, b.stage_tokens, rtol=0, atol=0)
-    single = train_msi(toy, image, mode="lite", steps=5, lr=1e-2)
+    single = train_msi(toy, image, MSIOptions.preset("lite", steps=5, lr=1e-2))
     assert single.losses != a.losses
-    f = train_msi(toy, image, mode="faithful", steps=3, timesteps_per_step=4, vision=vision)
+    f = train_msi(toy, image, MSIOptions.preset("faithful", steps=3, timesteps_per_step=4), vision=vision)
     assert len(f.losses) == 3 and f.config["timesteps_per_step"] == 4
 
 
 def test_backend_weights_stay_frozen(toy, image):
     before = {k: v.clone() for k, v in toy.state_dict().items()}
-    result = train_msi(toy, image, mode="lite", steps=4, lr=1e-2)
+    result = train_msi(toy, image, MSIOptions.preset("lite", steps=4, lr=1e-2))
     after = toy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in toy.parameters())
@@ -182,12 +184,11 @@ def test_backend_weights_stay_frozen(toy, image):
 
 def test_progress_every_step_and_loss_sync(toy, image):
     calls = []
-    r = train_msi(toy, image, mode="lite", steps=6, progress=lambda s, n, info: calls.append((s, n, dict(info))))
+    r = train_msi(toy, image, MSIOptions.preset("lite", steps=6), progress=lambda s, n, info: calls.append((s, n, dict(info))))
     assert [c[0] for c in calls] == list(range(1, 7)) and all(c[1] == 6 for c in calls)
     assert [c[2]["loss"] for c in calls] == pytest.approx(r.losses)  # CPU: synced every step
     calls.clear()
-    r = train_msi(toy, image, mode="lite", steps=6, loss_sync_every=4,
-                  progress=lambda s, n, info: calls.append((s, dict(info))))
+    r = train_msi(toy, image, MSIOptions.preset("lite", steps=6, loss_sync_every=4), progress=lambda s, n, info: calls.append((s, dict(info))))
     losses = [c[1]["loss"] for c in calls]
     assert all(math.isnan(v) for v in losses[:3])
     assert losses[3] == pytest.approx(sum(r.losses[:4]) / 4) and losses[4] == losses[3]
@@ -206,35 +207,43 @@ def test_cancel_stops_training(toy, image):
 
     progress = []
     with pytest.raises(CancelledError):
-        train_msi(toy, image, mode="lite", steps=50, cancel=cancel, progress=lambda *a: progress.append(a[0]))
+        train_msi(toy, image, MSIOptions.preset("lite", steps=50), cancel=cancel, progress=lambda *a: progress.append(a[0]))
     assert progress == [1, 2, 3]
 
 
 def test_bf16_autocast_runs(toy, image):
-    r = train_msi(toy, image, mode="lite", steps=3, autocast_dtype=torch.bfloat16)
+    r = train_msi(toy, image, MSIOptions.preset("lite", steps=3, autocast_dtype=torch.bfloat16))
     assert all(math.isfinite(v) for v in r.losses) and r.stage_tokens.dtype == torch.float32
 
 
 def test_hflip_uses_both_views(toy, vision, image):
-    a = train_msi(toy, image, mode="faithful", steps=8, lr=1e-3, vision=vision, hflip=True)
-    b = train_msi(toy, image, mode="faithful", steps=8, lr=1e-3, vision=vision, hflip=False)
+    a = train_msi(toy, image, MSIOptions.preset("faithful", steps=8, lr=1e-3, hflip=True), vision=vision)
+    b = train_msi(toy, image, MSIOptions.preset("faithful", steps=8, lr=1e-3, hflip=False), vision=vision)
     assert a.losses != b.losses  # same seed and noise; only the flipped views differ
     mirrored = toy_face_image(0).flip(-1)
-    c = train_msi(toy, mirrored, mode="faithful", steps=8, lr=1e-3, vision=vision, hflip=False)
+    c = train_msi(toy, mirrored, MSIOptions.preset("faithful", steps=8, lr=1e-3, hflip=False), vision=vision)
     assert c.losses != b.losses
 
 
 def test_bad_inputs(toy, image):
     with pytest.raises(ValueError, match="vision"):
-        train_msi(toy, image, mode="faithful", steps=1)
-    with pytest.raises(ValueError):
-        train_msi(toy, image, mode="other", steps=1)
+        train_msi(toy, image, MSIOptions.preset("faithful", steps=1))
+    with pytest.raises(ValueError, match="mode"):
+        MSIOptions.preset("other", steps=1)
+    with pytest.raises(ValueError, match="mode"):
+        MSIOptions(mode="other")
+    for bad in (dict(steps=-1), dict(lr=0.0), dict(lr=float("nan")), dict(timesteps_per_step=0),
+                dict(weight_decay=-1.0), dict(loss_sync_every=0)):
+        with pytest.raises(ValueError):
+            MSIOptions.preset("lite", **bad)
+    assert MSIOptions.preset("lite").steps == 1500 and MSIOptions.preset("lite").lr == 5e-3
+    assert MSIOptions() == MSIOptions.preset("faithful") and (MSIOptions().steps, MSIOptions().lr) == (6100, 1e-4)
     with pytest.raises(InvalidImageError):
-        train_msi(toy, torch.cat([image, image]), mode="lite", steps=1)
+        train_msi(toy, torch.cat([image, image]), MSIOptions.preset("lite", steps=1))
     with pytest.raises(InvalidImageError):
-        train_msi(toy, image * 3, mode="lite", steps=1)
+        train_msi(toy, image * 3, MSIOptions.preset("lite", steps=1))
     with pytest.raises(InvalidImageError):
-        train_msi(toy, image[..., :60], mode="lite", steps=1)
+        train_msi(toy, image[..., :60], MSIOptions.preset("lite", steps=1))
 
 
 def test_objective_uses_a_fixed_evaluation_set(toy, image):
@@ -263,8 +272,8 @@ def test_training_against_the_diffusers_backend(sd_backend, vision, mode, lr):
     unet_before = {k: v.clone() for k, v in backend.unet.state_dict().items()}
     image = toy_face_image(0)
     z0 = backend.encode_image(image)
-    start = train_msi(backend, image, mode=mode, steps=0, vision=vision)
-    result = train_msi(backend, image, mode=mode, steps=50, lr=lr, timesteps_per_step=2, vision=vision)
+    start = train_msi(backend, image, MSIOptions.preset(mode, steps=0), vision=vision)
+    result = train_msi(backend, image, MSIOptions.preset(mode, steps=50, lr=lr, timesteps_per_step=2), vision=vision)
     before = msi_objective(backend, z0, start.stage_conds, num_timesteps=48, seed=1)
     after = msi_objective(backend, z0, result.stage_conds, num_timesteps=48, seed=1)
     assert after < 0.95 * before, (before, after)

@@ -11,12 +11,17 @@ from PIL import Image
 from core import keys as key_files
 from core.diffusers_backend import DiffusersBackend
 from core.errors import FaceNotFoundError, KeyMismatchError, ProtectionFailedError
-from core.pipeline import protect_photo, recover_face
+from core.msi import MSIOptions
+from core.pipeline import ProtectOptions, protect_photo, recover_face
+from core.sampling import SamplingOptions
 from core.recognizers import load_recognizer
 from tests.support import tiny_diffusers as td
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = dict(size=64, msi_steps=2, inversion_steps=4, steps=8, strength=0.5, batch_size=2)
+def fast(task="anonymize", batch_size=2, **overrides) -> ProtectOptions:
+    """Tiny settings for the 64 px test models."""
+    return ProtectOptions.preset(task, size=64, msi=MSIOptions.preset("lite", steps=2), inversion_steps=4,
+                                 sampling=dict(steps=8, strength=0.5, batch_size=batch_size), **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +55,8 @@ def test_protect_photo_and_recover(models):
     backend, recognizer = models
     photo = _photo()
     stages = []
-    result = protect_photo(backend, recognizer, photo, task="anonymize", max_identity_similarity=1.0,
-                           progress=lambda stage, step, total: stages.append(stage), **FAST)
+    result = protect_photo(backend, recognizer, photo, fast(max_identity_similarity=1.0),
+                           progress=lambda stage, step, total: stages.append(stage))
     assert result.photos.shape == (2, 512, 512, 3) and result.faces.shape == (2, 64, 64, 3)
     assert result.similarities.shape == (2,)
     assert set(stages) == {"msi", "inversion", "sampling"}
@@ -67,15 +72,15 @@ def test_protect_photo_and_recover(models):
 def test_fail_closed_and_bad_inputs(models):
     backend, recognizer = models
     with pytest.raises(ProtectionFailedError, match="nothing was output"):
-        protect_photo(backend, recognizer, _photo(), max_identity_similarity=-1.0, **FAST)
+        protect_photo(backend, recognizer, _photo(), fast(max_identity_similarity=-1.0))
     from skimage import data
     with pytest.raises(FaceNotFoundError):
-        protect_photo(backend, recognizer, torch.from_numpy(data.coffee()).float() / 255.0, **FAST)
+        protect_photo(backend, recognizer, torch.from_numpy(data.coffee()).float() / 255.0, fast())
 
 
 def test_recover_refuses_keys_of_another_model(models):
     backend, recognizer = models
-    result = protect_photo(backend, recognizer, _photo(), task="hide", **{**FAST, "batch_size": 1})
+    result = protect_photo(backend, recognizer, _photo(), fast("hide", batch_size=1))
     result.keys.metadata.model_fingerprint = "0" * 16
     with pytest.raises(KeyMismatchError):
         recover_face(backend, result.keys)
@@ -107,3 +112,19 @@ def test_cli_protect_then_recover(files, monkeypatch, capsys):
     assert cli.main(["recover", *common, "--out", str(files["dir"] / "x.png")]) == 2
     assert "passphrase" in capsys.readouterr().err.lower()
     assert not (files["dir"] / "x.png").exists()
+
+
+def test_protect_options_validate_once_and_keep_explicit_zeros():
+    anonymize = ProtectOptions()
+    assert anonymize.sampling == SamplingOptions.preset("anonymize") and anonymize.msi == MSIOptions.preset("lite")
+    assert ProtectOptions.preset("hide").sampling == SamplingOptions(steps=100, strength=0.8, batch_size=1, seed=100162)
+    # an explicit 0 is a value, not "use the default" (a seed of 0 stays 0, a step scale of 0 turns guidance off)
+    zero = ProtectOptions.preset("anonymize", step_scale=0.0, sampling=dict(seed=0))
+    assert zero.step_scale == 0.0 and zero.sampling.seed == 0 and zero.sampling.strength == 0.6
+    with pytest.raises(ValueError, match="task"):
+        ProtectOptions(task="blur")
+    for bad in (dict(size=100), dict(crop="face"), dict(step_scale=-1.0),
+                dict(max_identity_similarity=2.0), dict(inversion_steps=1000), dict(sampling=dict(strength=0.0)),
+                dict(sampling=dict(batch_size=0))):
+        with pytest.raises(ValueError):
+            ProtectOptions.preset("anonymize", **bad)

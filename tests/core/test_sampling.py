@@ -19,14 +19,14 @@ from core.diffusion import (
 from core.energies import BackgroundPaste, IdentityGuidance, StepSizeSchedule, cosine_to_source, pairwise_cosines
 from core.errors import CancelledError
 from core.sampling import (
+    SamplingOptions,
     ddim_invert,
-    img2img_start,
     make_backend_denoiser,
     protect,
+    protection_plan,
     recover_latent,
     sample_guided_ddim,
     stack_stage_conds,
-    to_vp,
 )
 from core.schedules import EmbeddingSchedule
 from tests.support.toy_models import ToyBackend, ToyRecognizer, toy_crop, toy_face_image
@@ -50,6 +50,11 @@ def toy() -> SimpleNamespace:
     return _build()
 
 
+def _start(z0, steps, strength, batch_size, seed):
+    plan = protection_plan(z0, SamplingOptions(steps, strength, batch_size, seed))
+    return plan.x, plan.sigmas, list(plan.timesteps)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -59,8 +64,8 @@ def _guidance(toy, mode, **kw) -> IdentityGuidance:
 
 
 def _protect(toy, guidance, *, task="anonymize", seed=7, batch_size=3, **kw) -> torch.Tensor:
-    return protect(toy.backend, toy.z0, toy.conds, toy.null, guidance, task_schedule=EmbeddingSchedule.preset(task),
-                   num_steps=50, strength=0.6, batch_size=batch_size, seed=seed, **kw)
+    return protect(toy.backend, toy.z0, toy.conds, toy.null, guidance, schedule=EmbeddingSchedule.preset(task),
+                   options=SamplingOptions(50, 0.6, batch_size, seed), **kw)
 
 
 @torch.no_grad()
@@ -187,7 +192,7 @@ def test_one_guided_step_equals_the_official_vp_update(toy, target):
         eps, x0 = eps.detach(), x0.detach()
     official = ddim_step(x0, eps, alpha_bar(t_prev)) - 2.5 * g
     assert g.abs().max() > 1e-3  # the guidance term is not negligible in this comparison
-    torch.testing.assert_close(to_vp(out, s_prev), official, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sigma_to_vp_space(out, s_prev), official, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- (4) determinism
@@ -204,7 +209,7 @@ def test_unguided_sampling_is_deterministic_per_seed_and_differs_per_sample(toy)
 
 # -------------------------------------------------------------------------- (5) callback and cancel
 def test_callback_once_per_step_and_cancel_stops_at_the_right_step(toy):
-    x, sigmas, timesteps = img2img_start(toy.z0, 50, 0.6, 2, seed=1)
+    x, sigmas, timesteps = _start(toy.z0, 50, 0.6, 2, 1)
     inner = make_backend_denoiser(toy.backend, EmbeddingSchedule.preset("anonymize"), toy.conds, toy.null, 2)
     calls = []
 
@@ -236,7 +241,7 @@ def test_callback_once_per_step_and_cancel_stops_at_the_right_step(toy):
 
 def test_guided_callback_reports_energy(toy):
     infos = []
-    x, sigmas, timesteps = img2img_start(toy.z0, 50, 0.6, 2, seed=1)
+    x, sigmas, timesteps = _start(toy.z0, 50, 0.6, 2, 1)
     denoise = make_backend_denoiser(toy.backend, EmbeddingSchedule.preset("anonymize"), toy.conds, toy.null, 2)
     sample_guided_ddim(denoise, x, sigmas[:4], timesteps=timesteps[:3], guidance=_guidance(toy, "anonymize"),
                        callback=infos.append)
@@ -251,7 +256,7 @@ def test_zero_step_size_is_unguided(toy):
 # ------------------------------------------------------------------------- (6) img2img start
 @pytest.mark.parametrize("steps,strength,tau,first,n", [(50, 0.6, 601, 581, 30), (100, 0.8, 801, 791, 80)])
 def test_img2img_start_matches_official_forward_noising(toy, steps, strength, tau, first, n):
-    x, sigmas, timesteps = img2img_start(toy.z0, steps, strength, 3, seed=123)
+    x, sigmas, timesteps = _start(toy.z0, steps, strength, 3, 123)
     assert timesteps[0] == first and timesteps[-1] == 1 and len(timesteps) == n
     assert sigmas.dtype == torch.float64 and len(sigmas) == n + 1
     assert float(sigmas[0]) == pytest.approx(sigma_at(first)) and float(sigmas[-1]) == pytest.approx(sigma_at(0))
@@ -261,7 +266,7 @@ def test_img2img_start_matches_official_forward_noising(toy, steps, strength, ta
 
 
 def test_img2img_full_strength_is_comfyui_start(toy):
-    x, sigmas, timesteps = img2img_start(toy.z0, 10, 1.0, 1, seed=4)
+    x, sigmas, timesteps = _start(toy.z0, 10, 1.0, 1, 4)
     assert timesteps[0] == 901 and len(timesteps) == 10
     torch.testing.assert_close(x, toy.z0 + sigma_at(901) * seeded_noise((4, 8, 8), 4, 0)[None])
 
@@ -277,8 +282,8 @@ def test_denoiser_follows_the_embedding_schedule(toy):
             return self.inner.predict_eps(z, t, cond)
 
     rec_backend = Recorder(toy.backend)
-    protect(rec_backend, toy.z0, toy.conds, toy.null, None, task_schedule=EmbeddingSchedule.preset("anonymize"),
-            num_steps=50, strength=0.6, batch_size=2, seed=0)
+    protect(rec_backend, toy.z0, toy.conds, toy.null, None, schedule=EmbeddingSchedule.preset("anonymize"),
+            options=SamplingOptions(50, 0.6, 2, 0))
     assert [t for t, _ in rec_backend.seen] == list(range(581, 0, -20))
     for t, cond in rec_backend.seen:
         assert cond.shape == (2, 77, toy.backend.token_dim)
@@ -287,7 +292,7 @@ def test_denoiser_follows_the_embedding_schedule(toy):
 
 
 def test_default_timesteps_come_from_the_sigmas(toy):
-    x, sigmas, timesteps = img2img_start(toy.z0, 50, 0.6, 2, seed=2)
+    x, sigmas, timesteps = _start(toy.z0, 50, 0.6, 2, 2)
     denoise = make_backend_denoiser(toy.backend, EmbeddingSchedule.preset("anonymize"), toy.conds, toy.null, 2)
     seen = []
     implicit = sample_guided_ddim(lambda x_, s, t: (seen.append(t), denoise(x_, s, t))[1], x, sigmas.float())
@@ -318,7 +323,7 @@ def test_bad_inputs_are_rejected(toy):
     with pytest.raises(ValueError, match=r"\[10, 77, D\]"):
         stack_stage_conds(toy.conds[:9])
     with pytest.raises(ValueError, match=r"\[1,4,h,w\]"):
-        img2img_start(toy.z0.expand(2, -1, -1, -1), 50, 0.6, 2, seed=0)
+        protection_plan(toy.z0.expand(2, -1, -1, -1), SamplingOptions(50, 0.6, 2, 0))
     anonymize = make_backend_denoiser(toy.backend, EmbeddingSchedule.preset("anonymize"), toy.conds, None, 1)
     with pytest.raises(ValueError, match="null conditioning"):
         anonymize(x, 1.0, 300)
@@ -337,8 +342,7 @@ def test_everything_works_with_models_built_inside_inference_mode(toy):
             guidance = IdentityGuidance(inf.backend.decode_latent, inf.rec, toy_crop, inf.src, mode="anonymize",
                                         target=target, autograd_modules=(inf.backend,))
             results[target] = protect(inf.backend, inf.z0, inf.conds, inf.null, guidance,
-                                      task_schedule=EmbeddingSchedule.preset("anonymize"), num_steps=50,
-                                      strength=0.6, batch_size=2, seed=7)
+                                      schedule=EmbeddingSchedule.preset("anonymize"), options=SamplingOptions(50, 0.6, 2, 7))
     assert inf.backend.model_fingerprint() == toy.backend.model_fingerprint()
     torch.testing.assert_close(recovered, recover_latent(toy.backend, ddim_invert(toy.backend, toy.z0, toy.conds, 20),
                                                          toy.conds, 20))

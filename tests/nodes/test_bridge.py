@@ -65,6 +65,7 @@ def test_interrupt_stops_msi_and_sampling(loaded):
     import comfy.model_management as mm
 
     from core import msi
+    from core.msi import MSIOptions
 
     bridge, model, comfy_backend, _ = loaded
     sampler_module = sys.modules[bridge.__name__.rsplit(".", 1)[0] + ".privacy_sampler"]
@@ -78,16 +79,16 @@ def test_interrupt_stops_msi_and_sampling(loaded):
     image = torch.zeros(1, 3, 64, 64)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            msi.train_msi(comfy_backend, image, mode="lite", steps=20, progress=progress, cancel=bridge.check_interrupt)
+            msi.train_msi(comfy_backend, image, MSIOptions.preset("lite", steps=20), progress=progress, cancel=bridge.check_interrupt)
         assert seen == [1, 2]  # stopped at the first check after the flag was set
         with torch.inference_mode():
             z0 = torch.zeros(1, 4, 8, 8)
             from core import sampling
-            x, sigmas, timesteps = sampling.img2img_start(z0, 10, 0.6, 1, 0)
+            plan = sampling.protection_plan(z0, sampling.SamplingOptions(10, 0.6, 1, 0))
             conditioning = [[torch.zeros(1, 77, 768), {}]]
             mm.interrupt_current_processing(True)
             with pytest.raises(mm.InterruptProcessingException):
-                sampler_module.sample_in_comfy(model, conditioning, x, sigmas, timesteps, 0)
+                sampler_module.sample_in_comfy(model, conditioning, plan, 0)
     finally:
         mm.interrupt_current_processing(False)
 
@@ -125,11 +126,11 @@ def test_clip_vision_hidden_states_follow_the_hf_convention(loaded, comfyui_dir)
 
     # MSI Invert's faithful mode end to end on ComfyUI's models: the vision features feed the stage tokens
     from core import msi
+    from core.msi import MSIOptions
     comfy_backend = loaded[2]
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.inference_mode(False):
-        result = msi.train_msi(comfy_backend, image, mode="faithful", steps=2, seed=5,
-                               vision=bridge.ComfyVisionEncoder(comfy_vision))
+        result = msi.train_msi(comfy_backend, image, MSIOptions.preset("faithful", steps=2, seed=5), vision=bridge.ComfyVisionEncoder(comfy_vision))
     assert result.stage_tokens.shape == (10, 768) and result.stage_conds.shape == (10, 77, 768)
     assert torch.isfinite(result.stage_conds).all()
     assert (result.stage_tokens[0] - result.stage_tokens[9]).abs().max() > 1e-4
