@@ -23,7 +23,7 @@ CROP_MODES = ("official", "ffhq", "whole", "detect")
 
 @dataclass(frozen=True)
 class TaskPreset:
-    """The official settings of a task (method.md §1): DDIM grid, strength, samples, seed."""
+    """The official settings of a task (docs/method.md §1): DDIM grid, strength, samples, seed."""
 
     steps: int
     strength: float

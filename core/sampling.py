@@ -1,4 +1,4 @@
-"""The guided DDIM sampler, DDIM inversion and identity recovery (method.md §4.1, §5, §8.2, §8.5).
+"""The guided DDIM sampler, DDIM inversion and identity recovery (docs/method.md §4.1, §5, §8.2, §8.5).
 
 The sampler runs in σ space (k-diffusion / ComfyUI convention, x_σ = x₀ + σ·ε, see core/diffusion.py),
 with a denoiser that returns x̂₀. η = 0 DDIM is then the Euler step x_{σ'} = x̂₀ + σ'·(x_σ − x̂₀)/σ. The
