@@ -1,4 +1,4 @@
-"""Identity energies, guidance step sizes and the guidance gradient of Diff-Privacy (method.md §4, §8.4).
+"""Identity energies, guidance step sizes and the guidance gradient of Diff-Privacy (docs/method.md §4, §8.4).
 
 Embeddings are face-recognition feature vectors f [B, D] (D = 512 for ArcFace/FaceNet) and a source
 reference f_src [1, D] or [D]. The energies normalise their inputs themselves, so they are correct (values

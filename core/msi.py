@@ -1,4 +1,4 @@
-"""MSI: the Multi-Scale image Inversion of Diff-Privacy (method.md §2.2, §2.3, §8.1).
+"""MSI: the Multi-Scale image Inversion of Diff-Privacy (docs/method.md §2.2, §2.3, §8.1).
 
 Per image, a small network is fitted against a frozen SD1.x so that ten stage tokens (one per band of 100
 DDPM steps, s = ⌊t/100⌋) reproduce the image under the plain ε-MSE objective
@@ -13,7 +13,7 @@ where c_s is the text conditioning of the prompt ``"*"`` with the ``*`` input em
   and goes through the head. The released head is two single-token "cross-attentions"; with one key, softmax
   is 1, the first block's output is ignored by the second, so the head reduces to
   to_v (768→512, no bias) → to_out (512→768) → Dropout → Dropout → Linear(768→768).
-* ``MSILite``: ten raw tokens learned directly, initialised from the embedding of "face" (§8.1 item 7).
+* ``MSILite``: ten raw tokens learned directly, initialised from the embedding of "face" (docs/method.md §8.1 item 7).
 
 Deliberate deviations from the release (both toggleable where behaviour matters): CLIP preprocessing is
 correct by default (``uint8_quirk=True`` reproduces the released uint8 cast), and the final tokens are
@@ -43,7 +43,7 @@ NUM_LEVELS = len(FEATURE_LAYERS)
 
 MODES = ("faithful", "lite")
 #: Optimisation steps and AdamW learning rate per mode. faithful: the release's v1-finetune.yaml
-#: (max_steps 6100, base_learning_rate 1e-4); lite: textual-inversion practice (method.md §8.1 item 7).
+#: (max_steps 6100, base_learning_rate 1e-4); lite: textual-inversion practice (docs/method.md §8.1 item 7).
 FAITHFUL_STEPS, LITE_STEPS = 6100, 1500
 FAITHFUL_LR, LITE_LR = 1e-4, 5e-3
 DEFAULT_STEPS = {"faithful": FAITHFUL_STEPS, "lite": LITE_STEPS}

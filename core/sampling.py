@@ -1,4 +1,4 @@
-"""The guided DDIM sampler, DDIM inversion and identity recovery (method.md §4.1, §5, §8.2, §8.5).
+"""The guided DDIM sampler, DDIM inversion and identity recovery (docs/method.md §4.1, §5, §8.2, §8.5).
 
 The sampler runs in σ space (k-diffusion / ComfyUI convention, x_σ = x₀ + σ·ε, see core/diffusion.py),
 with a denoiser that returns x̂₀. η = 0 DDIM is then the Euler step x_{σ'} = x̂₀ + σ'·(x_σ − x̂₀)/σ. The
@@ -172,7 +172,7 @@ def make_backend_denoiser(
 # ------------------------------------------------------------------------------------- run plans
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How a protection run samples (method.md §8.6): DDIM grid size, strength, samples per face, seed.
+    """How a protection run samples (docs/method.md §8.6): DDIM grid size, strength, samples per face, seed.
 
     Attributes:
         steps: DDIM grid size N in [1, 999] (official: 50 anonymize, 100 hide).
@@ -236,7 +236,7 @@ def protection_plan(z0: torch.Tensor, options: SamplingOptions) -> SamplingPlan:
     """The official img2img start for B = ``options.batch_size`` samples of one source latent z0 [1,4,h,w].
 
     z_τ^(b) = √ᾱ_τ·z₀ + √(1−ᾱ_τ)·ε^(b) with τ = grid[int(strength·N)] and ε^(b) = seeded_noise(seed, b), read in
-    σ space at the first denoising timestep (LDM's off-by-one, method.md §8.5): x_σ = a·z₀ + b·σ_first·ε.
+    σ space at the first denoising timestep (LDM's off-by-one, docs/method.md §8.5): x_σ = a·z₀ + b·σ_first·ε.
 
     Raises:
         ValueError: if z0 is not one latent [1,4,h,w].

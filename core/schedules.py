@@ -16,7 +16,7 @@ from .diffusion import NUM_STAGES, NUM_TRAIN_TIMESTEPS, STAGE_WIDTH, stage_of_ti
 
 MAX_T = NUM_TRAIN_TIMESTEPS - 1  # 999
 
-#: Official switch points (method.md §3). Recovery uses stage conditionings at every step.
+#: Official switch points (docs/method.md §3). Recovery uses stage conditionings at every step.
 PRESET_SWITCH_TIMESTEPS = {"anonymize": 400, "hide": 600, "recover": -1}
 
 

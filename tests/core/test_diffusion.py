@@ -15,7 +15,7 @@ def test_scaled_linear_betas_and_alpha_bar():
     a = d.alphas_cumprod()
     torch.testing.assert_close(a, torch.cumprod(1 - betas, 0))
     assert math.isclose(d.alpha_bar(0), 1 - 0.00085, rel_tol=1e-12)
-    # method.md §4.4: √ᾱ₆₀₁ ≈ 0.40, √(1−ᾱ₆₀₁) ≈ 0.92; √ᾱ₈₀₁ ≈ 0.19, √(1−ᾱ₈₀₁) ≈ 0.98
+    # docs/method.md §4.4: √ᾱ₆₀₁ ≈ 0.40, √(1−ᾱ₆₀₁) ≈ 0.92; √ᾱ₈₀₁ ≈ 0.19, √(1−ᾱ₈₀₁) ≈ 0.98
     assert round(math.sqrt(d.alpha_bar(601)), 2) == 0.40 and round(math.sqrt(1 - d.alpha_bar(601)), 2) == 0.92
     assert round(math.sqrt(d.alpha_bar(801)), 2) == 0.19 and round(math.sqrt(1 - d.alpha_bar(801)), 2) == 0.98
 

@@ -119,7 +119,7 @@ def test_faithful_init_is_seeded():
 
 def test_faithful_parameter_count_full_sd_dims():
     released = MSIFaithful.released_parameter_count(1024, 768)
-    assert abs(released - 10.6e6) / 10.6e6 < 0.05  # method.md §2.2: ≈ 10.6 M
+    assert abs(released - 10.6e6) / 10.6e6 < 0.05  # docs/method.md §2.2: ≈ 10.6 M
     ours = sum(p.numel() for p in MSIFaithful(1024, 768).parameters())
     # the functional equivalent drops exactly the released parameters that never reach the output
     assert ours == released - MSIFaithful.dead_released_parameter_count(768)

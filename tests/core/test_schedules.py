@@ -11,7 +11,7 @@ def test_presets(task, switch):
 
 def test_official_stage_use():
     anon, hide, rec = (EmbeddingSchedule.preset(t) for t in ("anonymize", "hide", "recover"))
-    # method.md §3: anonymization uses c5 for 581..501 and c4 for 481..401, null below
+    # docs/method.md §3: anonymization uses c5 for 581..501 and c4 for 481..401, null below
     assert [anon.stage_for(t) for t in (581, 501, 481, 401, 400, 381, 1)] == [5, 5, 4, 4, None, None, None]
     assert [hide.stage_for(t) for t in (791, 701, 691, 601, 600, 591)] == [7, 7, 6, 6, None, None]
     assert [rec.stage_for(t) for t in (981, 501, 1, 0)] == [9, 5, 0, 0]
