@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .autograd import normal_tensors
 from .errors import FaceNotFoundError, InvalidImageError, MultipleFacesError
 
+#: The one size policy for photos, in the CLI and the nodes alike (see :func:`check_image_size`).
 MIN_SHORT_SIDE = 64
 MAX_LONG_SIDE = 8192
 #: A second face counts as a competing subject when its box area is at least this fraction of the largest.
@@ -52,14 +53,46 @@ def _as_float_tensor(image) -> torch.Tensor:
     raise InvalidImageError(f"Unsupported image dtype {array.dtype}; use uint8 or float in [0, 1].")
 
 
+def check_image_size(height: int, width: int, what: str = "image") -> None:
+    """The size policy for every photo the pack accepts: short side ≥ 64 px (smaller faces cannot be aligned
+    to a useful crop), long side ≤ 8192 px.
+
+    Raises:
+        InvalidImageError: naming ``what`` and its size, and what to do about it.
+    """
+    if min(height, width) < MIN_SHORT_SIDE:
+        raise InvalidImageError(f"The {what} is {width}×{height} px; its short side must be at least "
+                                f"{MIN_SHORT_SIDE} px. Use a larger photo.")
+    if max(height, width) > MAX_LONG_SIDE:
+        raise InvalidImageError(f"The {what} is {width}×{height} px; its long side must be at most "
+                                f"{MAX_LONG_SIDE} px. Downscale it first.")
+
+
+def composite_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """[..., C] with C in (1, 3, 4) → [..., 3]: grayscale replicated, RGBA composited over white (transparent
+    areas become white, not black, so they do not create dark edges).
+
+    Raises:
+        InvalidImageError: for another channel count.
+    """
+    c = image.shape[-1]
+    if c == 1:
+        return image.expand(*image.shape[:-1], 3)
+    if c == 4:
+        alpha = image[..., 3:]
+        return image[..., :3] * alpha + (1.0 - alpha)
+    if c != 3:
+        raise InvalidImageError(f"Expected 1, 3 or 4 image channels, got {c}.")
+    return image
+
+
 def ensure_rgb(image) -> torch.Tensor:
     """Validate a photo and return it as float32 [H,W,3] in [0,1] (same device as a tensor input).
 
     Accepts [H,W,3]; a leading batch of one ([1,H,W,C], ComfyUI IMAGE); grayscale [H,W] or [H,W,1]
-    (replicated to RGB); RGBA [H,W,4], composited over a white background (transparent areas become white,
-    not black, so they do not create dark edges). uint8 / uint16 arrays are rescaled, floats must lie in
-    [0,1]. Raises InvalidImageError for other shapes, non-finite values, a short side below 64 px or a long
-    side above 8192 px.
+    (replicated to RGB); RGBA [H,W,4] (:func:`composite_to_rgb`). uint8 / uint16 arrays are rescaled, floats
+    must lie in [0,1]. Raises InvalidImageError for other shapes, non-finite values, or a size outside
+    :func:`check_image_size`.
     """
     img = _as_float_tensor(image)
     if img.ndim == 4:
@@ -77,22 +110,8 @@ def ensure_rgb(image) -> torch.Tensor:
     lo, hi = float(img.min()), float(img.max())
     if lo < -_RANGE_TOLERANCE or hi > 1.0 + _RANGE_TOLERANCE:
         raise InvalidImageError(f"Float image values must lie in [0, 1], got range [{lo:.3g}, {hi:.3g}].")
-    height, width = int(img.shape[0]), int(img.shape[1])
-    if min(height, width) < MIN_SHORT_SIDE:
-        raise InvalidImageError(
-            f"The image is {width}×{height} px; its short side must be at least {MIN_SHORT_SIDE} px."
-        )
-    if max(height, width) > MAX_LONG_SIDE:
-        raise InvalidImageError(
-            f"The image is {width}×{height} px; its long side must be at most {MAX_LONG_SIDE} px. Downscale it."
-        )
-    img = img.clamp(0.0, 1.0)
-    if img.shape[-1] == 1:
-        img = img.expand(height, width, 3)
-    elif img.shape[-1] == 4:
-        alpha = img[..., 3:]
-        img = img[..., :3] * alpha + (1.0 - alpha)
-    return img.contiguous()
+    check_image_size(int(img.shape[0]), int(img.shape[1]))
+    return composite_to_rgb(img.clamp(0.0, 1.0)).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------
