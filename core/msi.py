@@ -99,7 +99,7 @@ def clip_preprocess(images: torch.Tensor, *, uint8_quirk: bool = False) -> torch
     return clip_normalize(x)
 
 
-def pooled_clip_features(vision, images: torch.Tensor, *, uint8_quirk: bool = False) -> torch.Tensor:
+def pooled_clip_features(vision: VisionEncoder, images: torch.Tensor, *, uint8_quirk: bool = False) -> torch.Tensor:
     """Token-mean of CLIP hidden states 3/7/11/15/last for images [B,3,H,W] in [−1,1] → [B,5,width] float32."""
     pixels = clip_preprocess(images, uint8_quirk=uint8_quirk).to(vision.device)
     with torch.no_grad():
@@ -342,7 +342,7 @@ def _gradient_checkpointing(backend, enabled: bool):
         toggle(False)
 
 
-def _stage_cond_batch(backend, msi: nn.Module, feats: Optional[torch.Tensor], stages: list[int],
+def _stage_cond_batch(backend: DiffusionBackend, msi: nn.Module, feats: Optional[torch.Tensor], stages: list[int],
                       views: list[int]) -> torch.Tensor:
     """Conditionings [k,77,D] for samples with stages/views, encoding each distinct (view, stage) once."""
     keyed = [(v if feats is not None else 0, s) for v, s in zip(views, stages)]
@@ -415,8 +415,8 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
 
     msi.train()
     synced_loss, synced_step, last_sync = float("nan"), -1, 0
-    with _frozen(backend), _gradient_checkpointing(backend, options.grad_checkpointing), _seeded_dropout(seed, device), \
-            torch.enable_grad():
+    with _frozen(backend), _gradient_checkpointing(backend, options.grad_checkpointing), \
+            _seeded_dropout(seed, device), torch.enable_grad():
         for step in range(steps):
             if cancel is not None:
                 cancel()
@@ -453,8 +453,8 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
                      steps=steps, config=config, module=msi)
 
 
-def msi_objective(backend, z0: torch.Tensor, stage_conds: torch.Tensor, *, num_timesteps: int = 32, seed: int = 0,
-                  batch_size: int = 8) -> float:
+def msi_objective(backend: DiffusionBackend, z0: torch.Tensor, stage_conds: torch.Tensor, *,
+                  num_timesteps: int = 32, seed: int = 0, batch_size: int = 8) -> float:
     """Mean ε-MSE of stage conditionings [10,77,D] on latent z0 [1,4,h,w] over a fixed set of (t, ε) pairs.
 
     The pairs (t ~ U{0..999}, ε ~ N(0,I)) come from a CPU generator seeded with ``seed``, so two calls with
