@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -18,12 +18,13 @@ from .backend import DiffusionBackend, VisionEncoder
 from .diffusion import check_num_steps
 from .energies import MODES as TASKS
 from .energies import BackgroundPaste, IdentityGuidance, StepSizeSchedule, mask_to_latent
-from .errors import ProtectionFailedError
+from .gate import IdentityScore, check_identity_gate, identity_scores
 from .keys import KeyMetadata, PrivacyKeys, check_compatible
 from .msi import MSIOptions
 from .recognizers import FaceCrop, FaceRecognizer, reference_embedding
 from .sampling import SamplingOptions
 from .schedules import EmbeddingSchedule
+from .verifiers import Verifier
 
 #: How the guiding recognizer sees a face (:func:`face_crop_for`); "official" is the release's choice.
 GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
@@ -106,16 +107,28 @@ def face_crop_for(mode: str, recognizer: FaceRecognizer, source: torch.Tensor) -
     raise ValueError(f"crop mode must be one of {GUIDANCE_CROPS}, got {mode!r}")
 
 
-def check_protected(similarities: torch.Tensor, max_similarity: float) -> None:
-    """Fail closed: raise ProtectionFailedError if any result's cosine to the source exceeds the bound."""
-    sims = similarities.detach().float().cpu()
-    worst = float(sims.max())
-    if worst > max_similarity:
-        failed = int((sims > max_similarity).sum())
-        raise ProtectionFailedError(
-            f"Protection failed closed: {failed} of {len(sims)} results still match the source (cosine "
-            f"{worst:.3f} > max_identity_similarity {max_similarity:.2f}); nothing was output. Raise the "
-            "guidance step scale or the strength, or use another seed.")
+def check_protected(similarities: torch.Tensor, max_similarity: float, recognizer: str = "recognizer") -> None:
+    """Fail closed on the guiding recognizer's similarities [B] alone (see :func:`core.gate.check_identity_gate`).
+
+    Raises:
+        ProtectionFailedError: a similarity is NaN or above ``max_similarity``.
+    """
+    check_identity_gate(identity_scores(recognizer, similarities, max_similarity))
+
+
+def score_results(task: str, guiding: tuple[str, torch.Tensor], source: torch.Tensor, results: torch.Tensor,
+                  verifiers: Sequence[Verifier], max_identity_similarity: float, face: int = 0) -> list[IdentityScore]:
+    """Every identity score of one face's results: the guiding recognizer's similarities [B] (already computed
+    during sampling's bookkeeping) and each verifier's, on the aligned source [S,S,3] and results [B,S,S,3] in
+    [0,1]. Anonymize bounds the guiding recognizer by ``max_identity_similarity`` and each verifier by its own
+    bound; hide only requires finite scores (it keeps the machine identity on purpose)."""
+    anonymize = task == "anonymize"
+    name, sims = guiding
+    scores = identity_scores(name, sims, max_identity_similarity if anonymize else None, face)
+    for verifier in verifiers:
+        scores += identity_scores(verifier.name, verifier.similarities(source, results),
+                                  verifier.bound if anonymize else None, face)
+    return scores
 
 
 def _to_model(image_hwc: torch.Tensor, device) -> torch.Tensor:
@@ -129,25 +142,30 @@ def _to_photo(images: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ProtectedPhoto:
     """photos [B,H,W,3] (faces pasted back), faces [B,S,S,3], both in [0,1]; keys (key-E + key-I, secret);
-    similarities [B]: cosine of each result to the source under the guiding recognizer."""
+    similarities [B]: cosine of each result to the source under the guiding recognizer; scores: every identity
+    score the gate passed (guiding recognizer and verifiers)."""
 
     photos: torch.Tensor
     faces: torch.Tensor
     keys: PrivacyKeys
     similarities: torch.Tensor
+    scores: list[IdentityScore]
 
 
 def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: torch.Tensor,
-                  options: ProtectOptions = ProtectOptions(), *, vision: Optional[VisionEncoder] = None,
+                  options: ProtectOptions = ProtectOptions(), *, verifiers: Sequence[Verifier] = (),
+                  vision: Optional[VisionEncoder] = None,
                   progress: Callable[[str, int, int], None] | None = None,
                   cancel: Callable[[], None] | None = None) -> ProtectedPhoto:
     """Anonymize (or hide) the one face of ``photo`` [H,W,3] in [0,1]: align, MSI, key-I inversion, guided
-    sampling, fail-closed check, decode, paste back. ``progress(stage, step, total)`` with stage "msi",
-    "inversion" or "sampling"; ``vision`` is needed by faithful MSI only.
+    sampling, decode, identity gate (guiding recognizer and every verifier), paste back.
+    ``progress(stage, step, total)`` with stage "msi", "inversion" or "sampling"; ``vision`` is needed by
+    faithful MSI only.
 
     Raises:
         FaceNotFoundError, MultipleFacesError, InvalidImageError: from face detection and alignment.
-        ProtectionFailedError: anonymize results still match the source above the bound (nothing returned).
+        ProtectionFailedError: the identity gate failed (a score is NaN, or an anonymized result still matches
+            the source under some recognizer); nothing is returned.
     """
     task, size = options.task, options.size
 
@@ -174,15 +192,15 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
                                schedule=EmbeddingSchedule.preset(task), options=options.sampling,
                                background=background, progress=stage("sampling"), cancel=cancel)
     similarities = guidance.similarities(latents)
-    if task == "anonymize":
-        check_protected(similarities, options.max_identity_similarity)
     with torch.no_grad():
         crops = _to_photo(backend.decode_latent(latents))
+    scores = check_identity_gate(score_results(task, (recognizer.name, similarities), aligned.crop, crops, verifiers,
+                                               options.max_identity_similarity))
     keys = PrivacyKeys(fit.stage_tokens.detach().cpu(), fit.stage_conds.detach().cpu(), z_T.detach().cpu(),
                        KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=options.inversion_steps,
                                    schedule="recover", msi_mode=options.msi.mode, image_size=(size, size)))
     photos = faces.paste_back(photo, crops, aligned)
-    return ProtectedPhoto(photos, crops, keys, similarities.detach().cpu())
+    return ProtectedPhoto(photos, crops, keys, similarities.detach().cpu(), scores)
 
 
 def recover_face(backend: DiffusionBackend, keys: PrivacyKeys,
