@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -24,7 +25,8 @@ from .msi import MSIOptions
 from .recognizers import FaceCrop, FaceRecognizer, reference_embedding
 from .sampling import SamplingOptions
 from .schedules import EmbeddingSchedule
-from .verifiers import Verifier
+from .report import FaceEntry, PrivacyReport, outside_face_metrics, settings_dict
+from .verifiers import SFaceVerifier, Verifier
 
 #: How the guiding recognizer sees a face (:func:`face_crop_for`); "official" is the release's choice.
 GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
@@ -46,6 +48,7 @@ class ProtectOptions:
         max_identity_similarity: anonymize fails closed if any result's cosine to the source exceeds it, in
             [−1, 1] (1 disables the check).
         keep_background: paste the source background back for t < 300 (anonymize only, as the release).
+        label: the preset's name, for the privacy report ("custom" unless made by :meth:`preset`).
 
     Raises:
         ValueError: on a value outside those ranges (when constructed).
@@ -60,6 +63,7 @@ class ProtectOptions:
     step_scale: float = 1.0
     max_identity_similarity: float = 0.5
     keep_background: bool = True
+    label: str = "custom"
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -88,6 +92,7 @@ class ProtectOptions:
             overrides["sampling"] = dataclasses.replace(base, **sampling_overrides)
         elif sampling_overrides is not None:
             overrides["sampling"] = sampling_overrides
+        overrides.setdefault("label", "default")
         return cls(task=task, **overrides)
 
 
@@ -143,13 +148,14 @@ def _to_photo(images: torch.Tensor) -> torch.Tensor:
 class ProtectedPhoto:
     """photos [B,H,W,3] (faces pasted back), faces [B,S,S,3], both in [0,1]; keys (key-E + key-I, secret);
     similarities [B]: cosine of each result to the source under the guiding recognizer; scores: every identity
-    score the gate passed (guiding recognizer and verifiers)."""
+    score the gate passed (guiding recognizer and verifiers); report: the privacy report (core/report.py)."""
 
     photos: torch.Tensor
     faces: torch.Tensor
     keys: PrivacyKeys
     similarities: torch.Tensor
     scores: list[IdentityScore]
+    report: PrivacyReport
 
 
 def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: torch.Tensor,
@@ -168,12 +174,14 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
             the source under some recognizer); nothing is returned.
     """
     task, size = options.task, options.size
+    started = time.monotonic()
 
     def stage(name):
         return None if progress is None else (lambda step, total, info=None: progress(name, step, total))
 
     photo = faces.ensure_rgb(photo)
-    aligned = faces.align_face(photo, faces.single_face(photo), size=size)
+    detection = faces.single_face(photo)
+    aligned = faces.align_face(photo, detection, size=size)
     image = _to_model(aligned.crop, backend.device)
     fit = msi.train_msi(backend, image, options.msi, vision=vision, progress=stage("msi"), cancel=cancel)
     with torch.no_grad():
@@ -200,7 +208,28 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
                        KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=options.inversion_steps,
                                    schedule="recover", msi_mode=options.msi.mode, image_size=(size, size)))
     photos = faces.paste_back(photo, crops, aligned)
-    return ProtectedPhoto(photos, crops, keys, similarities.detach().cpu(), scores)
+    report = PrivacyReport(
+        task=task, preset=options.label, settings=settings_dict(options),
+        model={"unet": keys.metadata.model_fingerprint, "text_encoder": backend_text_fingerprint(backend)},
+        faces=[FaceEntry(0, detection.box, scores, faces_still_detected(crops, verifiers))],
+        outside_faces=outside_face_metrics(photo, photos, faces.source_mask(aligned)),
+        seconds=time.monotonic() - started)
+    return ProtectedPhoto(photos, crops, keys, similarities.detach().cpu(), scores, report)
+
+
+def faces_still_detected(results: torch.Tensor, verifiers: Sequence[Verifier]) -> list[bool]:
+    """Whether each result [B,H,W,3] still shows a face: YuNet when the SFace verifier is configured (the
+    stronger detector), else MTCNN."""
+    for verifier in verifiers:
+        if verifier.name == SFaceVerifier.name:
+            return verifier.faces_detected(results)
+    return [bool(faces.detect_faces(image)) for image in results]
+
+
+def backend_text_fingerprint(backend: DiffusionBackend) -> str:
+    """The text encoder's id for the report, or "unknown" for backends that cannot give one."""
+    get = getattr(backend, "text_encoder_fingerprint", None)
+    return get() if get is not None else "unknown"
 
 
 def recover_face(backend: DiffusionBackend, keys: PrivacyKeys,

@@ -92,11 +92,14 @@ def protect(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.photo).stem
+    # only results that passed the identity gate reach this point; the keys go first, since a key file is
+    # never replaced and an existing one stops the run before any image is written
+    key_files.save_keys(args.keys, result.keys, secret)
     for i, photo in enumerate(result.photos):
         write_image(out / f"{stem}_{args.task}_{i:02d}.png", photo)
-    key_files.save_keys(args.keys, result.keys, secret)
-    sims = ", ".join(f"{float(s):.3f}" for s in result.similarities)
-    print(f"wrote {len(result.photos)} photo(s) to {out}; keys to {args.keys}; similarity to source: {sims}")
+    (out / f"{stem}_{args.task}.report.json").write_text(result.report.to_json(), encoding="utf-8")
+    print(result.report.summary())
+    print(f"wrote {len(result.photos)} photo(s) and the privacy report to {out}; keys to {args.keys}")
     return 0
 
 

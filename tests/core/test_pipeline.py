@@ -1,6 +1,7 @@
 """core.pipeline and the plain-Python CLI (scripts/diffprivacy.py) end to end on the tiny SD1.5-shaped
 checkpoint through DiffusersBackend, a random FaceNet and scikit-image's astronaut photo (64 px faces)."""
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def test_protect_photo_and_recover(models):
     assert result.keys.metadata.model_fingerprint == backend.model_fingerprint()
     recovered = recover_face(backend, result.keys)
     assert recovered.shape == (64, 64, 3) and torch.isfinite(recovered).all()
+    # the privacy report: real numbers, nothing identifying
+    report = result.report.to_dict()
+    assert report["passed"] and report["task"] == "anonymize" and report["preset"] == "default"
+    assert report["model"]["unet"] == backend.model_fingerprint() and report["seconds"] > 0
+    (face,) = report["faces"]
+    sims = [s["cosine"] for s in face["scores"]]
+    assert sims == [round(float(v), 4) for v in result.similarities] and len(face["face_detected"]) == 2
+    x0, y0, x1, y1 = face["box"]
+    assert 0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 512
+    outside = report["outside_faces"]
+    assert len(outside) == 2 and all(o["identical"] and o["ssim"] == 1.0 and o["pixels"] > 100_000 for o in outside)
+    assert report["settings"]["sampling"]["steps"] == 8 and report["settings"]["msi"]["mode"] == "lite"
+    text = result.report.to_json()
+    assert "astronaut" not in text and "embedding" not in text.lower()
 
 
 def test_fail_closed_and_bad_inputs(models):
@@ -105,6 +120,8 @@ def test_cli_protect_then_recover(files, monkeypatch, capsys):
     written = sorted(out.glob("astronaut_anonymize_*.png"))
     assert len(written) == 2 and Image.open(written[0]).size == (512, 512)
     assert key_files.inspect_key_file(keys)["encrypted"] is True
+    report = json.loads((out / "astronaut_anonymize.report.json").read_text())
+    assert report["passed"] and len(report["faces"]) == 1 and "astronaut" not in json.dumps(report)
     recovered = files["dir"] / "recovered.png"
     assert cli.main(["recover", *common, "--out", str(recovered)]) == 0
     assert Image.open(recovered).size == (64, 64)

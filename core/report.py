@@ -1,0 +1,196 @@
+"""The privacy report written next to every protected photo, and its preview picture.
+
+For every face: the cosine of each result to its source under every recognizer (guiding and verifiers) with
+pass/fail at that recognizer's bound, whether a face is still detected in each result (the photo still shows a
+person), and the face's box. For the photo: PSNR and SSIM of everything *outside* the face regions (the method
+promises to leave it alone), the settings, the model fingerprints, which preset ran and the time taken.
+
+By construction the report holds no embedding, no pixel of the source, no passphrase and no file name: it is
+built only from the numbers listed above, so it can be shared with the protected photo.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .gate import IdentityScore
+
+REPORT_FORMAT = "diffprivacy-report"
+REPORT_VERSION = 1
+#: SSIM constants of Wang et al. 2004 ("Image quality assessment: from error visibility to structural
+#: similarity"): an 11×11 Gaussian window with σ = 1.5, K1 = 0.01, K2 = 0.03, data range 1.
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+
+
+# ------------------------------------------------------------------------------------------ image metrics
+def _gaussian_window(device, dtype) -> torch.Tensor:
+    x = torch.arange(SSIM_WINDOW, device=device, dtype=dtype) - (SSIM_WINDOW - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * SSIM_SIGMA ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(3, 1, SSIM_WINDOW, SSIM_WINDOW).contiguous()
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM (Wang et al. 2004, eq. 13) of images [B,3,H,W] in [0,1], averaged over channels → [B,H,W].
+
+    Uses reflect padding so the map covers every pixel; float64 for stable variances.
+    """
+    a, b = a.double(), b.double()
+    window = _gaussian_window(a.device, a.dtype)
+    pad = SSIM_WINDOW // 2
+
+    def blur(x):
+        return F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), window, groups=3)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.mean(dim=1)
+
+
+@dataclass(frozen=True)
+class OutsideFaces:
+    """How much one result changed outside the face regions: PSNR in dB (None when the region is identical,
+    i.e. infinite PSNR) and mean SSIM in [−1, 1] over the region; ``pixels`` is the region's size."""
+
+    psnr_db: Optional[float]
+    ssim: float
+    identical: bool
+    pixels: int
+
+
+def outside_face_metrics(original: torch.Tensor, results: torch.Tensor, face_mask: torch.Tensor) -> list[OutsideFaces]:
+    """Compare results [B,H,W,3] with the original photo [H,W,3] (both in [0,1]) where ``face_mask`` [H,W] is 0.
+
+    ``face_mask`` is 1 (or > 0) on every pixel that a face's paste-back may touch; the rest must be untouched.
+    Face pixels are set to the original's before SSIM, so its windows that straddle a face's edge measure only
+    the changes outside it.
+    """
+    outside = face_mask <= 0
+    pixels = int(outside.sum())
+    ref = original.float().unsqueeze(0).expand_as(results)
+    only_outside = torch.where(outside[None, :, :, None], results.float(), ref)
+    diff = (only_outside - ref)[:, outside]  # [B, N, 3]
+    ssim = ssim_map(ref.permute(0, 3, 1, 2), only_outside.permute(0, 3, 1, 2))[:, outside]
+    out = []
+    for i in range(results.shape[0]):
+        mse = float(diff[i].pow(2).mean()) if pixels else 0.0
+        identical = pixels == 0 or bool((diff[i] == 0).all())
+        psnr = None if identical else 10.0 * math.log10(1.0 / mse)
+        out.append(OutsideFaces(psnr, float(ssim[i].mean()) if pixels else 1.0, identical, pixels))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def worst_scores(scores: Sequence[IdentityScore]) -> dict[str, IdentityScore]:
+    """Per recognizer, the score closest to failing: NaN first, else the highest similarity."""
+    worst: dict[str, IdentityScore] = {}
+    for s in scores:
+        key = math.inf if not math.isfinite(s.similarity) else s.similarity
+        current = worst.get(s.recognizer)
+        if current is None or key > (math.inf if not math.isfinite(current.similarity) else current.similarity):
+            worst[s.recognizer] = s
+    return worst
+
+
+@dataclass
+class FaceEntry:
+    """One protected face: its box [x0, y0, x1, y1] in photo pixels, every identity score of its samples, and
+    whether a face is still detected in each result."""
+
+    index: int
+    box: tuple[float, float, float, float]
+    scores: list[IdentityScore]
+    face_detected: list[bool]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "box": [round(float(v), 1) for v in self.box],
+                "scores": [{"recognizer": s.recognizer, "sample": s.sample,
+                            "cosine": round(s.similarity, 4) if math.isfinite(s.similarity) else None,
+                            "bound": s.bound, "passed": s.passed} for s in self.scores],
+                "face_detected": list(self.face_detected)}
+
+
+@dataclass
+class PrivacyReport:
+    """Everything a person needs to judge one protected photo, and nothing that identifies its source."""
+
+    task: str
+    preset: str
+    settings: dict[str, Any]
+    model: dict[str, str]
+    faces: list[FaceEntry]
+    outside_faces: list[OutsideFaces]
+    seconds: float
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def passed(self) -> bool:
+        return all(s.passed for face in self.faces for s in face.scores) and bool(self.faces)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": REPORT_FORMAT, "version": REPORT_VERSION, "created": self.created, "task": self.task,
+                "preset": self.preset, "passed": self.passed, "seconds": round(self.seconds, 2),
+                "model": dict(self.model), "settings": dict(self.settings),
+                "faces": [face.to_dict() for face in self.faces],
+                "outside_faces": [asdict(o) for o in self.outside_faces]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    def summary(self) -> str:
+        """A few lines for a terminal or a ComfyUI text display."""
+        lines = [f"Diff-Privacy {self.task} ({self.preset}): {'PASSED' if self.passed else 'FAILED'} identity gate, "
+                 f"{len(self.faces)} face(s), {self.seconds:.1f} s"]
+        for face in self.faces:
+            parts = [f"{name} max {s.similarity:.3f}" + ("" if s.bound is None else f" / bound {s.bound:.3f}")
+                     for name, s in worst_scores(face.scores).items()]
+            detected = sum(face.face_detected)
+            lines.append(f"  face {face.index}: " + ", ".join(parts) +
+                         f"; face still detected in {detected}/{len(face.face_detected)} results")
+        for i, o in enumerate(self.outside_faces):
+            psnr = "identical" if o.identical else f"PSNR {o.psnr_db:.1f} dB, SSIM {o.ssim:.4f}"
+            lines.append(f"  result {i} outside the faces: {psnr}")
+        return "\n".join(lines)
+
+
+def draw_preview(photo: torch.Tensor, report: PrivacyReport) -> torch.Tensor:
+    """The photo [H,W,3] in [0,1] with each face boxed (green passed, red failed) and its worst scores written
+    next to the box → [H,W,3] float in [0,1]. Drawing uses Pillow."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray((photo.detach().float().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype("uint8"))
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(max(canvas.size) / 300))
+    for face in report.faces:
+        ok = all(s.passed for s in face.scores)
+        color = (40, 200, 80) if ok else (230, 40, 40)
+        x0, y0, x1, y1 = face.box
+        draw.rectangle([x0, y0, x1, y1], outline=color, width=width)
+        text = f"#{face.index} " + " ".join(f"{name[:8]} {s.similarity:.2f}"
+                                            for name, s in worst_scores(face.scores).items())
+        draw.text((x0 + width, max(0, y0 - 12 - width)), text, fill=color)
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
+
+
+def settings_dict(options: Any) -> dict[str, Any]:
+    """A JSON-safe dict of an options dataclass (dtypes and other objects as strings)."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return str(v)
+    return clean(asdict(options))

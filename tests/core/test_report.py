@@ -1,0 +1,59 @@
+"""Privacy report metrics: SSIM/PSNR outside the faces against independent references, and the preview."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from skimage import data
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from core.gate import identity_scores
+from core.report import FaceEntry, PrivacyReport, draw_preview, outside_face_metrics, ssim_map
+
+
+def _photo() -> torch.Tensor:
+    return torch.from_numpy(data.astronaut()[:128, :128]).double() / 255.0
+
+
+def test_ssim_matches_scikit_image():
+    a = _photo()
+    b = (a + 0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).clamp(0, 1)
+    ours = float(ssim_map(a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None]).mean())
+    reference = structural_similarity(a.numpy(), b.numpy(), channel_axis=2, data_range=1.0, gaussian_weights=True,
+                                      sigma=1.5, use_sample_covariance=False)
+    assert ours == pytest.approx(reference, abs=0.01)  # the border handling differs slightly
+    assert float(ssim_map(a.permute(2, 0, 1)[None], a.permute(2, 0, 1)[None]).mean()) == pytest.approx(1.0)
+
+
+def test_outside_metrics_ignore_the_face_region_and_match_psnr():
+    photo = _photo().float()
+    mask = torch.zeros(128, 128)
+    mask[32:96, 32:96] = 1.0
+    inside_only = photo.clone()
+    inside_only[40:90, 40:90] = 0.0  # a change inside the face region
+    noisy = (photo + 0.02 * torch.randn(photo.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    same, changed = outside_face_metrics(photo, torch.stack([inside_only, noisy]), mask)
+    assert same.identical and same.psnr_db is None and same.ssim == pytest.approx(1.0) and same.pixels == 128 * 128 - 64 * 64
+    outside = mask == 0
+    expected = peak_signal_noise_ratio(photo[outside].numpy(), noisy[outside].numpy(), data_range=1.0)
+    assert not changed.identical and changed.psnr_db == pytest.approx(expected, rel=1e-4)
+    assert 0 < changed.ssim < 0.99
+
+
+def test_report_json_summary_and_preview():
+    scores = identity_scores("facenet", torch.tensor([0.1, float("nan")]), 0.5)
+    report = PrivacyReport(task="anonymize", preset="default", settings={"steps": 8}, model={"unet": "w1:ab"},
+                           faces=[FaceEntry(0, (10.0, 12.0, 60.0, 70.0), scores, [True, False])],
+                           outside_faces=[], seconds=1.5)
+    assert not report.passed
+    parsed = json.loads(report.to_json())
+    assert parsed["faces"][0]["scores"][1] == {"recognizer": "facenet", "sample": 1, "cosine": None, "bound": 0.5,
+                                               "passed": False}
+    assert "FAILED" in report.summary() and "max nan" in report.summary()
+    preview = draw_preview(_photo().float(), report)
+    assert preview.shape == (128, 128, 3)
+    red = preview[12, 10:60]  # the top edge of the box is drawn in the failure colour
+    assert bool((red[:, 0] > 0.8).all() and (red[:, 1] < 0.3).all())
+    assert math.isclose(float(preview[100, 100, 0]), float(_photo()[100, 100, 0]), abs_tol=1 / 255)
