@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import keys as key_files  # noqa: E402
+from core import keyfile  # noqa: E402
 from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend  # noqa: E402
 from core.errors import DiffPrivacyError  # noqa: E402
 from core.pipeline import CROP_MODES, PRESETS, protect_photo, recover_face  # noqa: E402
@@ -80,7 +80,7 @@ def protect(args) -> int:
     stem = Path(args.photo).stem
     for i, photo in enumerate(result.photos):
         write_image(out / f"{stem}_{args.task}_{i:02d}.png", photo)
-    key_files.save_keys(args.keys, result.keys, secret)
+    keyfile.save_keys(args.keys, result.keys, secret)
     sims = ", ".join(f"{float(s):.3f}" for s in result.similarities)
     print(f"wrote {len(result.photos)} photo(s) to {out}; keys to {args.keys}; similarity to source: {sims}")
     return 0
@@ -88,7 +88,7 @@ def protect(args) -> int:
 
 def recover(args) -> int:
     backend = backend_from(args)
-    keys = key_files.load_keys(args.keys, passphrase(confirm=False))
+    keys = keyfile.load_keys(args.keys, passphrase(confirm=False))
     write_image(Path(args.out), recover_face(backend, keys))
     print(f"wrote {args.out}")
     return 0

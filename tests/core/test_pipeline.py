@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core import keys as key_files
+from core import keyfile
 from core.diffusers_backend import DiffusersBackend
 from core.errors import FaceNotFoundError, KeyMismatchError, ProtectionFailedError
 from core.pipeline import protect_photo, recover_face
@@ -99,7 +99,7 @@ def test_cli_protect_then_recover(files, monkeypatch, capsys):
     assert code == 0
     written = sorted(out.glob("astronaut_anonymize_*.png"))
     assert len(written) == 2 and Image.open(written[0]).size == (512, 512)
-    assert key_files.inspect_key_file(keys)["encrypted"] is True
+    assert keyfile.inspect_key_file(keys)["encrypted"] is True
     recovered = files["dir"] / "recovered.png"
     assert cli.main(["recover", *common, "--out", str(recovered)]) == 0
     assert Image.open(recovered).size == (64, 64)
