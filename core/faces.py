@@ -255,20 +255,6 @@ class AlignedFace:
         """2×3 affine mapping source pixel coords → crop pixel coords."""
         return invert_affine(self.matrix)
 
-    def source_to_crop(self, points) -> np.ndarray:
-        """Map source points [...,2] (x, y) into crop coordinates."""
-        return apply_affine(self.inverse_matrix, points)
-
-    def crop_to_source(self, points) -> np.ndarray:
-        """Map crop points [...,2] (x, y) into source coordinates."""
-        return apply_affine(self.matrix, points)
-
-
-def apply_affine(matrix: np.ndarray, points) -> np.ndarray:
-    """matrix [2,3] applied to points [...,2] → [...,2] float64."""
-    pts = np.asarray(points, dtype=np.float64)
-    return pts @ np.asarray(matrix, dtype=np.float64)[:, :2].T + np.asarray(matrix, dtype=np.float64)[:, 2]
-
 
 def _pixel_centres(x0: int, y0: int, width: int, height: int, dtype=torch.float64, device=None) -> torch.Tensor:
     """Continuous coordinates (x, y) of the centres of a height×width block of pixels at (x0, y0) → [h,w,2]."""
@@ -369,23 +355,6 @@ def _region_crop_coords(aligned: AlignedFace, region, device) -> torch.Tensor:
     x0, y0, x1, y1 = region
     centres = _pixel_centres(x0, y0, x1 - x0, y1 - y0, device=device)
     return _apply_affine_torch(aligned.inverse_matrix, centres)
-
-
-def source_mask(
-    aligned: AlignedFace,
-    feather: float = 0.1,
-    shape: str = "ellipse",
-    *,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """The paste mask warped into the photo → float32 [H,W], exactly 0 outside the pasted face region."""
-    height, width = aligned.source_size
-    mask = torch.zeros(height, width, dtype=torch.float32, device=device)
-    x0, y0, x1, y1 = region = _paste_region(aligned)
-    if x1 > x0 and y1 > y0:
-        uv = _region_crop_coords(aligned, region, device) / aligned.size
-        mask[y0:y1, x0:x1] = face_mask_at(uv, feather, shape).float()
-    return mask
 
 
 def paste_back(

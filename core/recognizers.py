@@ -66,44 +66,6 @@ def irse50_units(stages: Sequence[tuple[int, int]] = IRSE50_STAGES) -> list[tupl
     return units
 
 
-def _batchnorm_shapes(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
-    return {
-        f"{prefix}.weight": (channels,),
-        f"{prefix}.bias": (channels,),
-        f"{prefix}.running_mean": (channels,),
-        f"{prefix}.running_var": (channels,),
-        f"{prefix}.num_batches_tracked": (),
-    }
-
-
-def arcface_irse50_expected_shapes() -> dict[str, tuple[int, ...]]:
-    """{state-dict name: shape} of the public ``model_ir_se50.pth``, written out from the stage spec.
-
-    Includes the BatchNorm buffers (``running_mean``, ``running_var``, ``num_batches_tracked``).
-    """
-    shapes: dict[str, tuple[int, ...]] = {"input_layer.0.weight": (IRSE_STEM_CHANNELS, 3, 3, 3)}
-    shapes.update(_batchnorm_shapes("input_layer.1", IRSE_STEM_CHANNELS))
-    shapes["input_layer.2.weight"] = (IRSE_STEM_CHANNELS,)
-    for i, (c_in, depth, _stride) in enumerate(irse50_units()):
-        unit = f"body.{i}"
-        if c_in != depth:
-            shapes[f"{unit}.shortcut_layer.0.weight"] = (depth, c_in, 1, 1)
-            shapes.update(_batchnorm_shapes(f"{unit}.shortcut_layer.1", depth))
-        shapes.update(_batchnorm_shapes(f"{unit}.res_layer.0", c_in))
-        shapes[f"{unit}.res_layer.1.weight"] = (depth, c_in, 3, 3)
-        shapes[f"{unit}.res_layer.2.weight"] = (depth,)
-        shapes[f"{unit}.res_layer.3.weight"] = (depth, depth, 3, 3)
-        shapes.update(_batchnorm_shapes(f"{unit}.res_layer.4", depth))
-        shapes[f"{unit}.res_layer.5.fc1.weight"] = (depth // SE_REDUCTION, depth, 1, 1)
-        shapes[f"{unit}.res_layer.5.fc2.weight"] = (depth, depth // SE_REDUCTION, 1, 1)
-    final = IRSE50_STAGES[-1][0]
-    shapes.update(_batchnorm_shapes("output_layer.0", final))
-    shapes["output_layer.3.weight"] = (EMBEDDING_DIM, final * IRSE50_FINAL_GRID ** 2)
-    shapes["output_layer.3.bias"] = (EMBEDDING_DIM,)
-    shapes.update(_batchnorm_shapes("output_layer.4", EMBEDDING_DIM))
-    return shapes
-
-
 class SqueezeExcite(nn.Module):
     """Channel gate x · σ(fc2(relu(fc1(avgpool(x))))) with bias-free 1×1 convs (reduction 16)."""
 
@@ -173,12 +135,6 @@ class ArcFaceIRSE50(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.output_layer(self.body(self.input_layer(x)))
         return F.normalize(features, p=2, dim=1)
-
-
-def build_arcface() -> ArcFaceIRSE50:
-    """Random-init ArcFace IR-SE50 in eval mode, built as normal (non-inference) tensors."""
-    with torch.inference_mode(False):
-        return ArcFaceIRSE50().eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
