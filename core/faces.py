@@ -275,20 +275,6 @@ class AlignedFace:
         """2×3 affine mapping source pixel coords → crop pixel coords."""
         return invert_affine(self.matrix)
 
-    def source_to_crop(self, points) -> np.ndarray:
-        """Map source points [...,2] (x, y) into crop coordinates."""
-        return apply_affine(self.inverse_matrix, points)
-
-    def crop_to_source(self, points) -> np.ndarray:
-        """Map crop points [...,2] (x, y) into source coordinates."""
-        return apply_affine(self.matrix, points)
-
-
-def apply_affine(matrix: np.ndarray, points) -> np.ndarray:
-    """matrix [2,3] applied to points [...,2] → [...,2] float64."""
-    pts = np.asarray(points, dtype=np.float64)
-    return pts @ np.asarray(matrix, dtype=np.float64)[:, :2].T + np.asarray(matrix, dtype=np.float64)[:, 2]
-
 
 def _pixel_centres(x0: int, y0: int, width: int, height: int, dtype=torch.float64, device=None) -> torch.Tensor:
     """Continuous coordinates (x, y) of the centres of a height×width block of pixels at (x0, y0) → [h,w,2]."""
@@ -398,7 +384,8 @@ def source_mask(
     *,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The paste mask warped into the photo → float32 [H,W], exactly 0 outside the pasted face region."""
+    """The paste mask warped into the photo → float32 [H,W] in [0,1], exactly 0 outside the pasted face region
+    (the pixels :func:`paste_back` may change; the privacy report measures everything else)."""
     height, width = aligned.source_size
     mask = torch.zeros(height, width, dtype=torch.float32, device=device)
     x0, y0, x1, y1 = region = _paste_region(aligned)

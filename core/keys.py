@@ -1,4 +1,4 @@
-"""Diff-Privacy recovery keys (key-E and key-I), serialised to a self-describing file, encrypted at rest.
+"""Diff-Privacy recovery keys (key-E and key-I): the key set, its metadata and its serialised payload.
 
 The recovery keys are biometric secrets: whoever holds them and the base model can regenerate the original
 face. They are
@@ -7,117 +7,35 @@ face. They are
   [S, 77, D] (D = 768 for SD 1.x);
 * key-I: the DDIM-inverted latent ``z_T`` [B, 4, h, w] (scaled SD latent, h = H/8, w = W/8; B is usually 1).
 
-File layout (all integers big-endian)::
-
-    offset  size  content
-    0       13    magic  b"DIFFPRIV-KEY\\x00"
-    13      1     container version (1)
-    14      4     L = length of the header in bytes (1 … 65536)
-    18      L     header: UTF-8 JSON, compact, keys sorted
-    18+L    P     payload, P = header["payload_length"]; nothing may follow it
-
-Header of an encrypted file (the default)::
-
-    {"format": "diffprivacy-keys", "version": 1, "encrypted": true,
-     "kdf": {"name": "scrypt", "n": 32768, "r": 8, "p": 1, "salt_b64": <16 random bytes>},
-     "cipher": "AES-256-GCM", "nonce_b64": <12 random bytes>, "verifier_b64": <32 bytes>,
-     "payload_length": P}
-
-The passphrase (Unicode NFC, then UTF-8) goes through scrypt with the header's parameters to 64 bytes:
-bytes 0–31 are the AES-256-GCM key, bytes 32–63 a verifier secret whose SHA-256 is ``verifier``. A wrong
-passphrase is therefore reported before any decryption is tried. The payload is the GCM ciphertext followed
-by its 16-byte tag, with bytes 0 … 18+L−1 (magic, version, length and header) as associated data, so any
-edit of the header after saving fails authentication. Editing the KDF part of the header (salt, n, r, p,
-verifier) cannot be told apart from a wrong passphrase and is reported as one.
-
-Header of a plaintext file (explicit opt-out)::
-
-    {"format": "diffprivacy-keys", "version": 1, "encrypted": false,
-     "payload_sha256": <hex>, "payload_length": P}
-
-The plaintext payload is protected against truncation and accidental damage by its SHA-256, not against a
-deliberate forger (who can recompute the hash).
-
-The payload itself is a safetensors blob with the float32 tensors ``stage_tokens``, ``stage_conds`` and
-``z_T`` and one string metadata entry, ``diffprivacy.keys``, holding the JSON of :class:`KeyMetadata`. One
-metadata key keeps the bytes deterministic for the same keys.
+The payload (:func:`keys_to_payload`) is a safetensors blob with the float32 tensors ``stage_tokens``,
+``stage_conds`` and ``z_T`` and one string metadata entry, ``diffprivacy.keys``, holding the JSON of
+:class:`KeyMetadata`. One metadata key keeps the bytes deterministic for the same keys. Files on disk wrap
+this payload in an encrypted container: see :mod:`core.keyfile`.
 """
 from __future__ import annotations
 
-import base64
-import errno
-import hashlib
-import hmac
 import json
-import math
-import os
-import secrets
 import struct
-import tempfile
-import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .diffusion import NUM_TRAIN_TIMESTEPS, STAGE_WIDTH
-from .errors import (
-    ForeignKeyFileError,
-    KeyMismatchError,
-    PassphraseRequiredError,
-    TamperedKeyFileError,
-    TruncatedKeyFileError,
-    WrongPassphraseError,
-)
+from .errors import ForeignKeyFileError, KeyMismatchError
 
-MAGIC = b"DIFFPRIV-KEY\x00"
-CONTAINER_VERSION = 1
-FORMAT_NAME = "diffprivacy-keys"
 KEYS_FORMAT_VERSION = 1  # version of the payload (KeyMetadata.format_version)
 METADATA_KEY = "diffprivacy.keys"
 TOKENS_PER_COND = 77
 LATENT_CHANNELS = 4
 MSI_MODES = ("faithful", "lite")
-
-CIPHER_NAME = "AES-256-GCM"
-KDF_NAME = "scrypt"
-SALT_BYTES = 16
-NONCE_BYTES = 12
-TAG_BYTES = 16
-AES_KEY_BYTES = 32
-VERIFIER_BYTES = 32
-DEFAULT_SCRYPT_N = 2 ** 15
-DEFAULT_SCRYPT_R = 8
-DEFAULT_SCRYPT_P = 1
-#: Bounds on the scrypt parameters a file may ask for, so a crafted header cannot make loading allocate
-#: unbounded memory (128·n·r bytes: 1 GiB at the upper bounds). 2**12 is meant for tests only.
-MIN_SCRYPT_N = 2 ** 12
-MAX_SCRYPT_N = 2 ** 20
-MAX_SCRYPT_R = 32
-MAX_SCRYPT_P = 16
-MAX_SCRYPT_MEMORY = 2 ** 30
-
-_LENGTH = struct.Struct(">I")
-_PREFIX_BYTES = len(MAGIC) + 1  # magic + container version
-_HEADER_OFFSET = _PREFIX_BYTES + _LENGTH.size
-MAX_HEADER_BYTES = 2 ** 16
-
-_ENCRYPTED_HEADER_KEYS = frozenset(
-    {"format", "version", "encrypted", "kdf", "cipher", "nonce_b64", "verifier_b64", "payload_length"}
-)
-_PLAINTEXT_HEADER_KEYS = frozenset({"format", "version", "encrypted", "payload_sha256", "payload_length"})
-_KDF_KEYS = frozenset({"name", "n", "r", "p", "salt_b64"})
 _TENSOR_NAMES = ("stage_conds", "stage_tokens", "z_T")
 
 
 # --------------------------------------------------------------------------------------------------------
-# Key containers
+# Key set and metadata
 # --------------------------------------------------------------------------------------------------------
 
 def utc_now_iso() -> str:
@@ -126,6 +44,7 @@ def utc_now_iso() -> str:
 
 
 def _is_int(x: Any) -> bool:
+    """True for a real int (bool excluded); also used by :mod:`core.keyfile`'s header checks."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -350,378 +269,3 @@ def payload_to_keys(payload: bytes, source: str = "<bytes>") -> PrivacyKeys:
     except (ValueError, TypeError, RuntimeError, safetensors.SafetensorError) as e:
         raise ForeignKeyFileError(f"{source}: the authenticated payload is not a valid key set ({e})") from None
 
-
-# --------------------------------------------------------------------------------------------------------
-# Passphrase → keys
-# --------------------------------------------------------------------------------------------------------
-
-def normalize_passphrase(passphrase: str) -> bytes:
-    """UTF-8 of the NFC form, so "é" typed precomposed or as e + combining accent opens the same file."""
-    if not isinstance(passphrase, str):
-        raise TypeError(f"passphrase must be a str, got {type(passphrase).__name__}")
-    return unicodedata.normalize("NFC", passphrase).encode("utf-8")
-
-
-def _check_scrypt_params(n: Any, r: Any, p: Any) -> str | None:
-    """None if (n, r, p) are acceptable, else the reason."""
-    if not (_is_int(n) and _is_int(r) and _is_int(p)):
-        return "scrypt parameters must be integers"
-    if n < MIN_SCRYPT_N or n > MAX_SCRYPT_N or n & (n - 1):
-        lo, hi = int(math.log2(MIN_SCRYPT_N)), int(math.log2(MAX_SCRYPT_N))
-        return f"scrypt n must be a power of two in [2**{lo}, 2**{hi}], got {n}"
-    if not 1 <= r <= MAX_SCRYPT_R or not 1 <= p <= MAX_SCRYPT_P:
-        return f"scrypt r must be in [1, {MAX_SCRYPT_R}] and p in [1, {MAX_SCRYPT_P}], got r={r}, p={p}"
-    if 128 * n * r > MAX_SCRYPT_MEMORY:
-        return f"scrypt n·r needs {128 * n * r} bytes, above the {MAX_SCRYPT_MEMORY}-byte limit"
-    return None
-
-
-def derive_key_material(passphrase: str, salt: bytes, n: int, r: int, p: int) -> tuple[bytes, bytes]:
-    """scrypt(NFC passphrase) → (32-byte AES key, 32-byte SHA-256 of the verifier secret)."""
-    out = Scrypt(salt=salt, length=AES_KEY_BYTES + VERIFIER_BYTES, n=n, r=r, p=p).derive(
-        normalize_passphrase(passphrase)
-    )
-    return out[:AES_KEY_BYTES], hashlib.sha256(out[AES_KEY_BYTES:]).digest()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Container
-# --------------------------------------------------------------------------------------------------------
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _header_bytes(header: dict[str, Any]) -> bytes:
-    return json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-
-
-def _frame(header: dict[str, Any]) -> bytes:
-    """magic ‖ version ‖ u32 length ‖ header JSON: the bytes GCM authenticates as associated data."""
-    hb = _header_bytes(header)
-    return MAGIC + bytes([CONTAINER_VERSION]) + _LENGTH.pack(len(hb)) + hb
-
-
-def _missing_passphrase(passphrase: str | None) -> bool:
-    return passphrase is None or passphrase == ""
-
-
-def encode_keys(
-    keys: PrivacyKeys,
-    passphrase: str | None,
-    *,
-    allow_plaintext: bool = False,
-    scrypt_n: int = DEFAULT_SCRYPT_N,
-) -> bytes:
-    """Serialise ``keys`` to the file layout in the module docstring.
-
-    Encrypted unless ``passphrase`` is None and ``allow_plaintext`` is True. An empty or all-whitespace
-    passphrase is refused. Each call draws a fresh random salt and nonce, so the bytes differ every time.
-    """
-    if not isinstance(keys, PrivacyKeys):
-        raise TypeError(f"keys must be a PrivacyKeys, got {type(keys).__name__}")
-    payload = keys_to_payload(keys)
-    if passphrase is None:
-        if not allow_plaintext:
-            raise PassphraseRequiredError(
-                "Recovery keys are biometric secrets and are saved encrypted: give a passphrase. To write an "
-                "unencrypted key file on purpose, pass passphrase=None together with allow_plaintext=True."
-            )
-        header = {
-            "format": FORMAT_NAME,
-            "version": CONTAINER_VERSION,
-            "encrypted": False,
-            "payload_sha256": hashlib.sha256(payload).hexdigest(),
-            "payload_length": len(payload),
-        }
-        return _frame(header) + payload
-    if not isinstance(passphrase, str):
-        raise TypeError(f"passphrase must be a str or None, got {type(passphrase).__name__}")
-    if not passphrase.strip():
-        raise PassphraseRequiredError(
-            "The passphrase is empty. Type a passphrase to encrypt the keys (or, to write an unencrypted file "
-            "on purpose, pass passphrase=None with allow_plaintext=True)."
-        )
-    reason = _check_scrypt_params(scrypt_n, DEFAULT_SCRYPT_R, DEFAULT_SCRYPT_P)
-    if reason:
-        raise ValueError(reason)
-    salt = secrets.token_bytes(SALT_BYTES)
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    aes_key, verifier = derive_key_material(passphrase, salt, scrypt_n, DEFAULT_SCRYPT_R, DEFAULT_SCRYPT_P)
-    header = {
-        "format": FORMAT_NAME,
-        "version": CONTAINER_VERSION,
-        "encrypted": True,
-        "kdf": {"name": KDF_NAME, "n": scrypt_n, "r": DEFAULT_SCRYPT_R, "p": DEFAULT_SCRYPT_P, "salt_b64": _b64(salt)},
-        "cipher": CIPHER_NAME,
-        "nonce_b64": _b64(nonce),
-        "verifier_b64": _b64(verifier),
-        "payload_length": len(payload) + TAG_BYTES,
-    }
-    frame = _frame(header)
-    return frame + AESGCM(aes_key).encrypt(nonce, payload, frame)
-
-
-def _describe_foreign(data: bytes) -> str:
-    """A short guess at what a non-key file is, for the error message."""
-    if not data:
-        return "the file is empty"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "it is a PNG image"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "it is a JPEG image"
-    if data.startswith(b"PK\x03\x04"):
-        return "it is a ZIP archive (e.g. a torch .pt/.ckpt file)"
-    if len(data) >= 9 and data[8:9] == b"{":
-        return "it looks like a safetensors file (model weights or embeddings, not recovery keys)"
-    return "it does not start with the Diff-Privacy key signature"
-
-
-def _check_signature(head: bytes, source: str) -> None:
-    """Validate magic and container version from the first bytes of a file (``head`` may be shorter)."""
-    if not head:
-        raise ForeignKeyFileError(f"{source} is not a Diff-Privacy key file: the file is empty.")
-    n = min(len(head), len(MAGIC))
-    if head[:n] != MAGIC[:n]:
-        raise ForeignKeyFileError(f"{source} is not a Diff-Privacy key file: {_describe_foreign(head)}.")
-    if len(head) < _PREFIX_BYTES:
-        raise TruncatedKeyFileError(
-            f"{source} is truncated: it ends after {len(head)} bytes, inside the file signature. The copy or "
-            f"download was incomplete; copy the key file again."
-        )
-    version = head[len(MAGIC)]
-    if version > CONTAINER_VERSION:
-        raise ForeignKeyFileError(
-            f"{source} uses key-file format version {version}, but this pack reads up to version "
-            f"{CONTAINER_VERSION}. Update the Diff-Privacy node pack to open it."
-        )
-    if version < 1:
-        raise ForeignKeyFileError(f"{source} has an invalid key-file format version ({version}).")
-
-
-def _tampered(source: str, what: str) -> TamperedKeyFileError:
-    return TamperedKeyFileError(
-        f"{source} failed its integrity check ({what}): the file was changed or damaged after it was saved. "
-        f"Do not use it; restore the key file from a backup copy."
-    )
-
-
-def _decode_b64(value: Any, size: int, name: str, source: str) -> bytes:
-    try:
-        raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != size:
-        raise _tampered(source, f"header field {name!r} is not {size} base64-encoded bytes")
-    return raw
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate key in header")
-    return d
-
-
-@dataclass(frozen=True)
-class _Container:
-    frame: bytes  # associated data: magic … end of header
-    header: dict[str, Any]
-    payload: bytes
-
-
-def _parse_container(data: bytes, source: str) -> _Container:
-    """Split and structurally validate a key file; no passphrase needed, nothing decrypted."""
-    _check_signature(data[:_PREFIX_BYTES], source)
-    if len(data) < _HEADER_OFFSET:
-        raise TruncatedKeyFileError(
-            f"{source} is truncated: it ends after {len(data)} bytes, before the header. Copy the key file again."
-        )
-    (header_len,) = _LENGTH.unpack(data[_PREFIX_BYTES:_HEADER_OFFSET])
-    if not 1 <= header_len <= MAX_HEADER_BYTES:
-        raise _tampered(source, f"implausible header length {header_len}")
-    frame_end = _HEADER_OFFSET + header_len
-    if len(data) < frame_end:
-        raise TruncatedKeyFileError(
-            f"{source} is truncated: it ends after {len(data)} bytes, inside the {header_len}-byte header. "
-            f"Copy the key file again."
-        )
-    try:
-        header = json.loads(data[_HEADER_OFFSET:frame_end].decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError):
-        raise _tampered(source, "the header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise _tampered(source, "the header is not a JSON object")
-    _validate_header(header, data[len(MAGIC)], source)
-    expected = frame_end + header["payload_length"]
-    if len(data) < expected:
-        raise TruncatedKeyFileError(
-            f"{source} is truncated: expected {expected} bytes, found {len(data)}. The copy or download was "
-            f"incomplete; copy the key file again."
-        )
-    if len(data) > expected:
-        raise _tampered(source, f"{len(data) - expected} unexpected bytes after the payload")
-    return _Container(frame=data[:frame_end], header=header, payload=data[frame_end:])
-
-
-def _validate_header(header: dict[str, Any], container_version: int, source: str) -> None:
-    """Check every header field's presence, type and range (TamperedKeyFileError otherwise)."""
-    encrypted = header.get("encrypted")
-    if not isinstance(encrypted, bool):
-        raise _tampered(source, "header field 'encrypted' is missing or not a boolean")
-    allowed = _ENCRYPTED_HEADER_KEYS if encrypted else _PLAINTEXT_HEADER_KEYS
-    if set(header) != allowed:
-        diff = sorted(set(header) ^ allowed)
-        raise _tampered(source, f"unexpected or missing header fields {diff}")
-    if header["format"] != FORMAT_NAME:
-        raise _tampered(source, f"header format is {header['format']!r}, expected {FORMAT_NAME!r}")
-    if not _is_int(header["version"]) or header["version"] != container_version:
-        raise _tampered(source, "header version does not match the file signature")
-    length = header["payload_length"]
-    if not _is_int(length) or length < (TAG_BYTES + 1 if encrypted else 1):
-        raise _tampered(source, f"invalid payload length {length!r}")
-    if not encrypted:
-        digest = header["payload_sha256"]
-        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise _tampered(source, "header field 'payload_sha256' is not a SHA-256 hex digest")
-        return
-    if header["cipher"] != CIPHER_NAME:
-        raise _tampered(source, f"unknown cipher {header['cipher']!r}")
-    kdf = header["kdf"]
-    if not isinstance(kdf, dict) or set(kdf) != _KDF_KEYS or kdf["name"] != KDF_NAME:
-        raise _tampered(source, "header field 'kdf' is not a scrypt parameter set")
-    reason = _check_scrypt_params(kdf["n"], kdf["r"], kdf["p"])
-    if reason:
-        raise _tampered(source, reason)
-    _decode_b64(kdf["salt_b64"], SALT_BYTES, "kdf.salt_b64", source)
-    _decode_b64(header["nonce_b64"], NONCE_BYTES, "nonce_b64", source)
-    _decode_b64(header["verifier_b64"], VERIFIER_BYTES, "verifier_b64", source)
-
-
-def _decode(data: bytes, passphrase: str | None, source: str) -> PrivacyKeys:
-    box = _parse_container(data, source)
-    header = box.header
-    if not header["encrypted"]:
-        if not hmac.compare_digest(hashlib.sha256(box.payload).hexdigest(), header["payload_sha256"]):
-            raise _tampered(source, "the payload's SHA-256 does not match the header")
-        return payload_to_keys(box.payload, source)
-    if _missing_passphrase(passphrase):
-        raise PassphraseRequiredError(
-            f"{source} is encrypted: give the passphrase that was used when the keys were saved."
-        )
-    kdf = header["kdf"]
-    salt = _decode_b64(kdf["salt_b64"], SALT_BYTES, "kdf.salt_b64", source)
-    aes_key, verifier = derive_key_material(passphrase, salt, kdf["n"], kdf["r"], kdf["p"])
-    stored = _decode_b64(header["verifier_b64"], VERIFIER_BYTES, "verifier_b64", source)
-    if not hmac.compare_digest(verifier, stored):
-        raise WrongPassphraseError(
-            f"The passphrase does not open {source}. Check spelling, keyboard layout and caps lock; it must be "
-            f"the passphrase given when these keys were saved."
-        )
-    nonce = _decode_b64(header["nonce_b64"], NONCE_BYTES, "nonce_b64", source)
-    try:
-        payload = AESGCM(aes_key).decrypt(nonce, box.payload, box.frame)
-    except InvalidTag:
-        raise _tampered(source, "AES-GCM authentication failed although the passphrase is right") from None
-    return payload_to_keys(payload, source)
-
-
-def decode_keys(data: bytes, passphrase: str | None) -> PrivacyKeys:
-    """Inverse of :func:`encode_keys`. Tensors come back float32 on the CPU.
-
-    A passphrase given for a plaintext file is ignored. Raises PassphraseRequiredError, WrongPassphraseError,
-    TamperedKeyFileError, TruncatedKeyFileError or ForeignKeyFileError (see module docstring).
-    """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    return _decode(bytes(data), passphrase, "the key data")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a 0o600 temp file in the target folder, fsync, then os.replace onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def save_keys(
-    path: str | os.PathLike,
-    keys: PrivacyKeys,
-    passphrase: str | None,
-    *,
-    allow_plaintext: bool = False,
-    scrypt_n: int = DEFAULT_SCRYPT_N,
-) -> Path:
-    """Encrypt and write ``keys`` atomically to ``path`` (mode 0o600; parent folders are created).
-
-    ``passphrase=None`` raises PassphraseRequiredError unless ``allow_plaintext=True``. Returns the path.
-    """
-    path = Path(path)
-    data = encode_keys(keys, passphrase, allow_plaintext=allow_plaintext, scrypt_n=scrypt_n)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
-    return path
-
-
-def _read_key_file(path: Path) -> bytes:
-    """Read a key file, refusing foreign files after their first bytes (they may be large)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_PREFIX_BYTES)
-            _check_signature(head, f"'{path}'")
-            return head + f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, "Recovery key file not found", str(path)) from None
-
-
-def load_keys(path: str | os.PathLike, passphrase: str | None) -> PrivacyKeys:
-    """Read and, if encrypted, decrypt a key file written by :func:`save_keys`. See :func:`decode_keys`."""
-    path = Path(path)
-    return _decode(_read_key_file(path), passphrase, f"'{path}'")
-
-
-def inspect_key_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The non-secret facts of a key file, without a passphrase and without decrypting anything.
-
-    Returns ``{"path", "file_size", "format", "version", "encrypted", "payload_length"}`` plus, when
-    encrypted, ``"cipher"`` and ``"kdf": {"name", "n", "r", "p"}``. Salt, nonce, verifier and all tensor
-    data are left out. Structural problems raise the same errors as :func:`load_keys`.
-    """
-    path = Path(path)
-    data = _read_key_file(path)
-    header = _parse_container(data, f"'{path}'").header
-    info: dict[str, Any] = {
-        "path": str(path),
-        "file_size": len(data),
-        "format": header["format"],
-        "version": header["version"],
-        "encrypted": header["encrypted"],
-        "payload_length": header["payload_length"],
-    }
-    if header["encrypted"]:
-        kdf = header["kdf"]
-        info["cipher"] = header["cipher"]
-        info["kdf"] = {"name": kdf["name"], "n": kdf["n"], "r": kdf["r"], "p": kdf["p"]}
-    return info

@@ -172,26 +172,6 @@ class MSIFaithful(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.tokens_for_stages(pooled, range(self.num_stages))
 
-    @staticmethod
-    def released_parameter_count(vision_dim: int = 1024, token_dim: int = 768, heads: int = 8,
-                                 dim_head: int = 64) -> int:
-        """Parameters of the released ``Attentions`` module: 5 projections, T, two CrossAttention blocks
-        (bias-free q/k/v, biased to_out) and the final Linear — including the parts that never reach the
-        output (all of attn1, attn2's q and k)."""
-        inner = heads * dim_head
-        projections = NUM_LEVELS * (vision_dim * token_dim + token_dim * token_dim)
-        stage = NUM_STAGES * token_dim
-        cross_attention = 3 * token_dim * inner + inner * token_dim + token_dim
-        final = token_dim * token_dim + token_dim
-        return projections + stage + 2 * cross_attention + final
-
-    @staticmethod
-    def dead_released_parameter_count(token_dim: int = 768, heads: int = 8, dim_head: int = 64) -> int:
-        """Released parameters that do not influence the tokens: attn1 entirely, attn2's to_q and to_k."""
-        inner = heads * dim_head
-        attn1 = 3 * token_dim * inner + inner * token_dim + token_dim
-        return attn1 + 2 * token_dim * inner
-
 
 class MSILite(nn.Module):
     """Ten stage tokens [10, D] learned directly (textual-inversion style). ``forward() → tokens [10,D]``."""

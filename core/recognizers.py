@@ -8,8 +8,8 @@ Two recognizers:
 * FaceNet InceptionResnetV1 (VIH preset) from facenet-pytorch, loaded from the local
   ``20180402-114759-vggface2.pt`` file. Input [B,3,160,160] in [−1,1] (``fixed_image_standardization`` range).
 
-Both give L2-normalised float32 embeddings [B,512]. Weights are read from local files only (safetensors or
-``torch.load(weights_only=True)``); nothing is ever downloaded.
+Both give L2-normalised float32 embeddings [B,512]. Weights are read from local files only, through
+:func:`core.weights.read_state_dict`; nothing is ever downloaded.
 
 Crops take images [B,3,H,W] in [−1,1] and are differentiable w.r.t. the image:
 
@@ -19,7 +19,6 @@ Crops take images [B,3,H,W] in [−1,1] and are differentiable w.r.t. the image:
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autograd import normal_tensors
-from .errors import IncompatibleWeightsError, WeightsNotFoundError
+from .errors import IncompatibleWeightsError
+from .weights import read_state_dict
 
 EMBEDDING_DIM = 512
 ARCFACE_NAME = "arcface_ir_se50"
@@ -65,44 +65,6 @@ def irse50_units(stages: Sequence[tuple[int, int]] = IRSE50_STAGES) -> list[tupl
             units.append((in_channels if i == 0 else depth, depth, 2 if i == 0 else 1))
         in_channels = depth
     return units
-
-
-def _batchnorm_shapes(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
-    return {
-        f"{prefix}.weight": (channels,),
-        f"{prefix}.bias": (channels,),
-        f"{prefix}.running_mean": (channels,),
-        f"{prefix}.running_var": (channels,),
-        f"{prefix}.num_batches_tracked": (),
-    }
-
-
-def arcface_irse50_expected_shapes() -> dict[str, tuple[int, ...]]:
-    """{state-dict name: shape} of the public ``model_ir_se50.pth``, written out from the stage spec.
-
-    Includes the BatchNorm buffers (``running_mean``, ``running_var``, ``num_batches_tracked``).
-    """
-    shapes: dict[str, tuple[int, ...]] = {"input_layer.0.weight": (IRSE_STEM_CHANNELS, 3, 3, 3)}
-    shapes.update(_batchnorm_shapes("input_layer.1", IRSE_STEM_CHANNELS))
-    shapes["input_layer.2.weight"] = (IRSE_STEM_CHANNELS,)
-    for i, (c_in, depth, _stride) in enumerate(irse50_units()):
-        unit = f"body.{i}"
-        if c_in != depth:
-            shapes[f"{unit}.shortcut_layer.0.weight"] = (depth, c_in, 1, 1)
-            shapes.update(_batchnorm_shapes(f"{unit}.shortcut_layer.1", depth))
-        shapes.update(_batchnorm_shapes(f"{unit}.res_layer.0", c_in))
-        shapes[f"{unit}.res_layer.1.weight"] = (depth, c_in, 3, 3)
-        shapes[f"{unit}.res_layer.2.weight"] = (depth,)
-        shapes[f"{unit}.res_layer.3.weight"] = (depth, depth, 3, 3)
-        shapes.update(_batchnorm_shapes(f"{unit}.res_layer.4", depth))
-        shapes[f"{unit}.res_layer.5.fc1.weight"] = (depth // SE_REDUCTION, depth, 1, 1)
-        shapes[f"{unit}.res_layer.5.fc2.weight"] = (depth, depth // SE_REDUCTION, 1, 1)
-    final = IRSE50_STAGES[-1][0]
-    shapes.update(_batchnorm_shapes("output_layer.0", final))
-    shapes["output_layer.3.weight"] = (EMBEDDING_DIM, final * IRSE50_FINAL_GRID ** 2)
-    shapes["output_layer.3.bias"] = (EMBEDDING_DIM,)
-    shapes.update(_batchnorm_shapes("output_layer.4", EMBEDDING_DIM))
-    return shapes
 
 
 class SqueezeExcite(nn.Module):
@@ -176,12 +138,6 @@ class ArcFaceIRSE50(nn.Module):
         return F.normalize(features, p=2, dim=1)
 
 
-def build_arcface() -> ArcFaceIRSE50:
-    """Random-init ArcFace IR-SE50 in eval mode, built as normal (non-inference) tensors."""
-    with normal_tensors():
-        return ArcFaceIRSE50().eval()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # FaceNet
 # ---------------------------------------------------------------------------------------------------------
@@ -251,64 +207,12 @@ class FaceRecognizer(nn.Module):
 # Loading weights from local files
 # ---------------------------------------------------------------------------------------------------------
 
-_WRAPPER_KEYS = ("state_dict", "model_state_dict")
 _ARCFACE_MARKERS = ("input_layer.0.weight", "body.0.res_layer.1.weight", "output_layer.3.weight")
 _FACENET_MARKERS = ("conv2d_1a.conv.weight", "block8.conv2d.weight", "last_linear.weight")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a local weight file (safetensors, or a pickle read with ``weights_only=True``), on the CPU.
-
-    Unwraps ``{"state_dict": ...}`` checkpoints and strips DataParallel ``module.`` prefixes. Raises
-    ``WeightsNotFoundError`` for a missing file and ``IncompatibleWeightsError`` for anything that is not a
-    plain mapping of names to tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"Face-recognition weights not found: '{path}'. Put the file there (it is never downloaded)."
-        )
-    with normal_tensors():
-        if path.suffix.lower() in (".safetensors", ".sft"):
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                raw = load_file(str(path), device="cpu")
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise IncompatibleWeightsError(f"'{path}' is not a readable safetensors file: {exc}") from exc
-        else:
-            try:
-                raw = torch.load(str(path), map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as exc:
-                raise IncompatibleWeightsError(
-                    f"'{path}' is not a plain state dict: it contains pickled Python objects, which are refused "
-                    "for safety. Use the original checkpoint file (a dict of tensors) or a .safetensors copy."
-                ) from exc
-            except (RuntimeError, EOFError, ValueError, OSError) as exc:
-                raise IncompatibleWeightsError(
-                    f"'{path}' cannot be read as a PyTorch checkpoint (corrupt or truncated file?): {exc}"
-                ) from exc
-    return _plain_state_dict(raw, path)
-
-
-def _plain_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(raw, Mapping):
-        for key in _WRAPPER_KEYS:
-            if isinstance(raw.get(key), Mapping):
-                raw = raw[key]
-                break
-    if not isinstance(raw, Mapping) or not raw:
-        raise IncompatibleWeightsError(f"'{path}' is not a plain state dict (a mapping of names to tensors).")
-    not_tensors = [str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise IncompatibleWeightsError(
-            f"'{path}' is not a plain state dict: entries {not_tensors[:5]} are not tensors."
-        )
-    return {_strip_module_prefix(str(k)): v for k, v in raw.items()}
-
-
 def _strip_module_prefix(key: str) -> str:
+    """Drop DataParallel ``module.`` prefixes (checkpoints saved from a wrapped network)."""
     while key.startswith("module."):
         key = key[len("module."):]
     return key
@@ -362,13 +266,18 @@ def load_recognizer(
     """Build a FaceRecognizer from a local weight file, loaded with ``strict=True``.
 
     kind: "arcface" (``model_ir_se50.pth``), "facenet" (``20180402-114759-vggface2.pt``; its ``logits.*``
-    classifier keys are dropped) or "auto" (detected from the key names). The modules are built under
-    core.autograd.normal_tensors() so they hold normal tensors even when the caller runs in inference mode.
+    classifier keys are dropped) or "auto" (detected from the key names). DataParallel ``module.`` prefixes
+    are stripped. The modules are built under core.autograd.normal_tensors() so they hold normal tensors even
+    when the caller runs in inference mode.
+
+    Raises WeightsNotFoundError or IncompatibleWeightsError from :func:`core.weights.read_state_dict`, and
+    IncompatibleWeightsError when the tensors do not fit the chosen architecture.
     """
     if kind not in ("auto", "arcface", "facenet"):
         raise ValueError(f"kind must be 'auto', 'arcface' or 'facenet', got {kind!r}")
     path = Path(path)
-    state_dict = read_state_dict(path)
+    raw = read_state_dict(path, what="face-recognition weight file")
+    state_dict = {_strip_module_prefix(k): v for k, v in raw.items()}
     if kind == "auto":
         kind = detect_recognizer_kind(state_dict)
     with normal_tensors():

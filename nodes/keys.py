@@ -9,7 +9,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..core.diffusion import LATENT_SCALE
-from ..core.keys import PrivacyKeys, load_keys, save_keys
+from ..core.keyfile import load_keys, save_keys
+from ..core.keys import PrivacyKeys
 from . import bridge
 from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import keys as key_files  # noqa: E402
+from core import keyfile  # noqa: E402
 from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend  # noqa: E402
 from core.errors import DiffPrivacyError  # noqa: E402
 from core.energies import MODES as TASKS  # noqa: E402
@@ -94,7 +94,7 @@ def protect(args) -> int:
     stem = Path(args.photo).stem
     # only results that passed the identity gate reach this point; the keys go first, since a key file is
     # never replaced and an existing one stops the run before any image is written
-    key_files.save_keys(args.keys, result.keys, secret)
+    keyfile.save_keys(args.keys, result.keys, secret)
     for i, photo in enumerate(result.photos):
         write_image(out / f"{stem}_{args.task}_{i:02d}.png", photo)
     (out / f"{stem}_{args.task}.report.json").write_text(result.report.to_json(), encoding="utf-8")
@@ -105,7 +105,7 @@ def protect(args) -> int:
 
 def recover(args) -> int:
     backend = backend_from(args)
-    keys = key_files.load_keys(args.keys, passphrase(confirm=False))
+    keys = keyfile.load_keys(args.keys, passphrase(confirm=False))
     write_image(Path(args.out), recover_face(backend, keys))
     print(f"wrote {args.out}")
     return 0

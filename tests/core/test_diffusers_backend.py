@@ -5,16 +5,11 @@ import pytest
 import torch
 
 from core.backend import DiffusionBackend, VisionEncoder
-from core.diffusers_backend import (
-    ClipVisionEncoder,
-    DiffusersBackend,
-    kl_vae_config_from_ldm,
-    load_checkpoint_tensors,
-    unet_config_from_ldm,
-)
+from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend
 from core.fingerprint import unet_fingerprint
 from core.diffusion import LATENT_SCALE
 from core.errors import IncompatibleWeightsError, InvalidImageError, WeightsNotFoundError
+from core.weights import read_state_dict
 from tests.support import tiny_diffusers as td
 
 TEXT_LAYERS = 2
@@ -152,7 +147,7 @@ def test_decode_is_differentiable(backend):
 
 def test_taesd_scale_is_read_from_the_file(taesd_ckpt, tokenizer_dir, backend):
     # a file with ComfyUI's default vae_scale = 1 treats the raw encoder output as *unscaled* latents
-    sd = load_checkpoint_tensors(taesd_ckpt)
+    sd = read_state_dict(taesd_ckpt, what="checkpoint")
     sd["first_stage_model.vae_scale"] = torch.tensor(1.0)
     other = DiffusersBackend.from_state_dict(sd, tokenizer=backend.tokenizer)
     img = gradient_image()
@@ -260,13 +255,13 @@ def test_fingerprint_stable_across_loads_and_seed_dependent(backend, taesd_ckpt,
     other = td.tiny_checkpoint(ckpt_dir, 1, vae="taesd", text_layers=TEXT_LAYERS)
     assert load(other, tokenizer_dir).model_fingerprint() != fp
     # the storage dtype does not change the id (values are hashed at float16)
-    sd = load_checkpoint_tensors(taesd_ckpt)
+    sd = read_state_dict(taesd_ckpt, what="checkpoint")
     unet = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
     assert unet_fingerprint({k: v.float() for k, v in unet.items()}) == fp
 
 
 def test_ckpt_file_with_nested_state_dict(backend, taesd_ckpt, tmp_path, tokenizer_dir):
-    sd = load_checkpoint_tensors(taesd_ckpt)
+    sd = read_state_dict(taesd_ckpt, what="checkpoint")
     path = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": sd, "global_step": 1}, path)
     b2 = load(path, tokenizer_dir)
@@ -295,40 +290,12 @@ def test_incompatible_checkpoints(tmp_path, tokenizer_dir, taesd_ckpt):
     with pytest.raises(IncompatibleWeightsError):
         DiffusersBackend.from_single_file(path, tokenizer_dir=tokenizer_dir)
     # a text encoder with a tensor missing
-    sd = load_checkpoint_tensors(taesd_ckpt)
+    sd = read_state_dict(taesd_ckpt, what="checkpoint")
     del sd["cond_stage_model.transformer.text_model.final_layer_norm.weight"]
     broken = tmp_path / "broken_text.safetensors"
     save_file(sd, str(broken))
     with pytest.raises(IncompatibleWeightsError, match="final_layer_norm"):
         DiffusersBackend.from_single_file(broken, tokenizer_dir=tokenizer_dir)
-
-
-def test_full_sd15_layout_converts_exactly():
-    """Config inference + diffusers' key conversion on the real SD1.5 layout (meta tensors, no memory)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
-    shapes = td.ldm_unet_shapes(levels=4, num_res_blocks=2, attention_levels=(0, 1, 2), output_attention=True,
-                                mid_block=True)
-    unet_sd = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
-    cfg = unet_config_from_ldm(unet_sd)
-    assert cfg["block_out_channels"] == (320, 640, 1280, 1280) and cfg["layers_per_block"] == 2
-    assert cfg["down_block_types"] == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    assert cfg["up_block_types"] == ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in unet_sd.items()}, cfg)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
-    own = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    assert own == {k: tuple(v.shape) for k, v in converted.items()}
-    assert abs(sum(p.numel() for p in unet.parameters()) / 1e6 - 859.52) < 0.01
-
-    vae_sd = {k: torch.empty(v, device="meta") for k, v in td.ldm_kl_vae_shapes().items()}
-    vcfg = kl_vae_config_from_ldm(vae_sd)
-    assert vcfg["block_out_channels"] == (128, 256, 512, 512) and vcfg["layers_per_block"] == 2
-    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in vae_sd.items()}, vcfg)
-    with torch.device("meta"):
-        vae = AutoencoderKL(**vcfg)
-    assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == {k: tuple(v.shape) for k, v in converted.items()}
 
 
 def test_multi_level_unet_with_middle_block(multi_backend):

@@ -23,6 +23,7 @@ from core.faces import (
     single_face,
     source_mask,
 )
+from tests.support.faces import crop_to_source, source_to_crop
 
 
 @pytest.fixture(scope="module")
@@ -175,22 +176,22 @@ def test_align_face_samples_along_the_matrix():
     face = align_face(ramp, lm, size=64)
     assert face.crop.shape == (64, 64, 3) and face.source_size == (256, 256) and face.size == 64
     v, u = np.meshgrid(np.arange(64) + 0.5, np.arange(64) + 0.5, indexing="ij")
-    src = face.crop_to_source(np.stack([u, v], axis=-1))
+    src = crop_to_source(face, np.stack([u, v], axis=-1))
     assert src.min() > 1 and src.max() < 255  # the quad lies inside the photo
     expected = np.stack([0.1 + 0.6 * src[..., 0] / w, 0.2 + 0.5 * src[..., 1] / h,
                          0.3 + 0.3 * src[..., 0] / w + 0.3 * src[..., 1] / h], axis=-1)
     np.testing.assert_allclose(face.crop.numpy(), expected, atol=2e-6)
     # The matrix sends the crop corners to the quad and inverts cleanly.
     corners = np.array([[0, 0], [0, 64], [64, 64], [64, 0]], dtype=np.float64)
-    np.testing.assert_allclose(face.crop_to_source(corners), face.quad, atol=1e-9)
-    np.testing.assert_allclose(face.source_to_crop(face.quad), corners, atol=1e-9)
+    np.testing.assert_allclose(crop_to_source(face, corners), face.quad, atol=1e-9)
+    np.testing.assert_allclose(source_to_crop(face, face.quad), corners, atol=1e-9)
 
 
 def test_aligned_astronaut_is_upright_and_centred(aligned, astronaut_face):
     assert aligned.crop.shape == (512, 512, 3)
     assert 0.0 <= float(aligned.crop.min()) and float(aligned.crop.max()) <= 1.0
-    eyes = aligned.source_to_crop(astronaut_face.landmarks[:2])
-    mouth = aligned.source_to_crop(astronaut_face.landmarks[3:]).mean(axis=0)
+    eyes = source_to_crop(aligned, astronaut_face.landmarks[:2])
+    mouth = source_to_crop(aligned, astronaut_face.landmarks[3:]).mean(axis=0)
     assert abs(eyes[0, 1] - eyes[1, 1]) < 0.03 * 512  # eyes level
     assert abs(eyes.mean(axis=0)[0] - 256) < 0.03 * 512 and abs(mouth[0] - 256) < 0.05 * 512
     assert eyes[:, 1].mean() < 256 < mouth[1]

@@ -21,6 +21,7 @@ from core.msi import (
     uint8_cast_quirk,
 )
 from tests.support import tiny_diffusers as td
+from tests.support.released_msi import dead_released_parameter_count, released_parameter_count
 from tests.support.toy_models import ToyBackend, toy_face_image
 
 VISION_WIDTH = 32
@@ -118,11 +119,11 @@ def test_faithful_init_is_seeded():
 
 
 def test_faithful_parameter_count_full_sd_dims():
-    released = MSIFaithful.released_parameter_count(1024, 768)
+    released = released_parameter_count(1024, 768)
     assert abs(released - 10.6e6) / 10.6e6 < 0.05  # docs/method.md §2.2: ≈ 10.6 M
     ours = sum(p.numel() for p in MSIFaithful(1024, 768).parameters())
     # the functional equivalent drops exactly the released parameters that never reach the output
-    assert ours == released - MSIFaithful.dead_released_parameter_count(768)
+    assert ours == released - dead_released_parameter_count(768)
     assert ours == 5 * (1024 * 768 + 768 * 768) + 10 * 768 + 768 * 512 + (512 * 768 + 768) + (768 * 768 + 768)
 
 

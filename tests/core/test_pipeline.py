@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core import keys as key_files
+from core import keyfile
 from core.diffusers_backend import DiffusersBackend
 from core.errors import FaceNotFoundError, KeyMismatchError, ProtectionFailedError
 from core.msi import MSIOptions
@@ -119,7 +119,7 @@ def test_cli_protect_then_recover(files, monkeypatch, capsys):
     assert code == 0
     written = sorted(out.glob("astronaut_anonymize_*.png"))
     assert len(written) == 2 and Image.open(written[0]).size == (512, 512)
-    assert key_files.inspect_key_file(keys)["encrypted"] is True
+    assert keyfile.inspect_key_file(keys)["encrypted"] is True
     report = json.loads((out / "astronaut_anonymize.report.json").read_text())
     assert report["passed"] and len(report["faces"]) == 1 and "astronaut" not in json.dumps(report)
     recovered = files["dir"] / "recovered.png"

@@ -1,10 +1,9 @@
-"""Face recognizers (ArcFace IR-SE50 layout, FaceNet loading, safe weight reading) and differentiable crops.
+"""Face recognizers (ArcFace IR-SE50 layout, FaceNet loading) and differentiable crops.
 
-All networks are random-init with fixed seeds; nothing is downloaded.
+All networks are random-init with fixed seeds; nothing is downloaded. Reading weight files itself (formats,
+refused pickles, damaged files) is tested in test_weights.py.
 """
 from __future__ import annotations
-
-import pickle
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from core.recognizers import (
     ArcFaceIRSE50,
     FaceCrop,
     FaceRecognizer,
-    arcface_irse50_expected_shapes,
     box_crop,
     build_facenet,
     ffhq_identity_crop,
@@ -27,48 +25,7 @@ from core.recognizers import (
     reference_embedding,
     whole_image_crop,
 )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Public IR-SE50 layout, written out here independently of core.recognizers
-# ---------------------------------------------------------------------------------------------------------
-
-# (in_channels, depth, stride) of body.0 … body.23 for TreB1eN's Backbone(50, mode="ir_se").
-PUBLIC_IRSE50_UNITS = (
-    [(64, 64, 2), (64, 64, 1), (64, 64, 1)]
-    + [(64, 128, 2)] + [(128, 128, 1)] * 3
-    + [(128, 256, 2)] + [(256, 256, 1)] * 13
-    + [(256, 512, 2)] + [(512, 512, 1)] * 2
-)
-
-
-def public_irse50_layout() -> dict[str, tuple[int, ...]]:
-    table: dict[str, tuple[int, ...]] = {}
-
-    def batchnorm(prefix, n):
-        for suffix in ("weight", "bias", "running_mean", "running_var"):
-            table[f"{prefix}.{suffix}"] = (n,)
-        table[f"{prefix}.num_batches_tracked"] = ()
-
-    table["input_layer.0.weight"] = (64, 3, 3, 3)
-    batchnorm("input_layer.1", 64)
-    table["input_layer.2.weight"] = (64,)
-    for i, (cin, depth, _) in enumerate(PUBLIC_IRSE50_UNITS):
-        if cin != depth:
-            table[f"body.{i}.shortcut_layer.0.weight"] = (depth, cin, 1, 1)
-            batchnorm(f"body.{i}.shortcut_layer.1", depth)
-        batchnorm(f"body.{i}.res_layer.0", cin)
-        table[f"body.{i}.res_layer.1.weight"] = (depth, cin, 3, 3)
-        table[f"body.{i}.res_layer.2.weight"] = (depth,)
-        table[f"body.{i}.res_layer.3.weight"] = (depth, depth, 3, 3)
-        batchnorm(f"body.{i}.res_layer.4", depth)
-        table[f"body.{i}.res_layer.5.fc1.weight"] = (depth // 16, depth, 1, 1)
-        table[f"body.{i}.res_layer.5.fc2.weight"] = (depth, depth // 16, 1, 1)
-    batchnorm("output_layer.0", 512)
-    table["output_layer.3.weight"] = (512, 512 * 7 * 7)
-    table["output_layer.3.bias"] = (512,)
-    batchnorm("output_layer.4", 512)
-    return table
+from tests.support.recognizers import PUBLIC_IRSE50_UNITS, arcface_irse50_expected_shapes
 
 
 def randomise_batchnorm(module: torch.nn.Module, seed: int) -> None:
@@ -132,11 +89,10 @@ def faces(batch: int, size: int, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 def test_arcface_state_dict_matches_public_layout(arcface_net):
-    public = public_irse50_layout()
+    public = arcface_irse50_expected_shapes()
     ours = {k: tuple(v.shape) for k, v in arcface_net.state_dict().items()}
     assert sorted(ours) == sorted(public), (set(ours) ^ set(public))
     assert ours == public
-    assert arcface_irse50_expected_shapes() == public
     assert len(public) == 397
     assert sum(p.numel() for p in arcface_net.parameters()) == 43_797_696
 
@@ -312,49 +268,6 @@ def test_missing_file(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="model_ir_se50.pth") as info:
         load_recognizer(path, "arcface")
     assert isinstance(info.value, FileNotFoundError)
-
-
-UNPICKLED = []
-
-
-def _record_unpickling():
-    UNPICKLED.append(True)
-    return 0
-
-
-class Payload:
-    """An object whose unpickling would run code: a weights_only load must refuse it."""
-
-    def __reduce__(self):
-        return (_record_unpickling, ())
-
-
-def test_pickled_objects_are_refused(tmp_path):
-    path = tmp_path / "evil.pt"
-    with open(path, "wb") as fh:
-        pickle.dump({"input_layer.0.weight": Payload()}, fh, protocol=2)
-    with pytest.raises(IncompatibleWeightsError, match="not a plain state dict"):
-        load_recognizer(path, "auto")
-    path2 = tmp_path / "evil2.pt"
-    torch.save({"weight": torch.zeros(2), "extra": Payload()}, path2)
-    with pytest.raises(IncompatibleWeightsError, match="not a plain state dict"):
-        load_recognizer(path2, "auto")
-    assert UNPICKLED == []
-
-
-def test_non_tensor_entries_and_garbage_are_refused(tmp_path):
-    path = tmp_path / "numbers.pt"
-    torch.save({"input_layer.0.weight": 3.0}, path)
-    with pytest.raises(IncompatibleWeightsError, match="not tensors"):
-        load_recognizer(path, "auto")
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"this is not a weight file")
-    with pytest.raises(IncompatibleWeightsError, match="safetensors"):
-        load_recognizer(junk, "auto")
-    junk_pt = tmp_path / "junk.pth"
-    junk_pt.write_bytes(b"\x00\x01garbage")
-    with pytest.raises(IncompatibleWeightsError):
-        load_recognizer(junk_pt, "auto")
 
 
 # ---------------------------------------------------------------------------------------------------------

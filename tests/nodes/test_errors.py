@@ -71,7 +71,8 @@ def test_faithful_msi_without_clip_vision(comfy_inprocess):
 
 
 def _write_key_file(folder, passphrase: str) -> str:
-    from core.keys import KeyMetadata, PrivacyKeys, save_keys
+    from core.keyfile import save_keys
+    from core.keys import KeyMetadata, PrivacyKeys
 
     gen = torch.Generator().manual_seed(0)
     keys = PrivacyKeys(torch.randn(10, 768, generator=gen), torch.randn(10, 77, 768, generator=gen),

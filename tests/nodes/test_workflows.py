@@ -60,7 +60,7 @@ def _check_images(comfy, records, count, size):
 
 
 def test_anonymize_outputs_full_photos_and_encrypted_keys(comfy_inprocess, anonymize_run):
-    from core.keys import inspect_key_file
+    from core.keyfile import inspect_key_file
 
     graph, history, key_file = anonymize_run
     # Face Paste Back puts each protected crop back into the 512x512 astronaut photo

@@ -1,0 +1,167 @@
+"""core.weights.read_state_dict: the one weight-file reader (safetensors, or torch pickles read weights-only)."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from core.errors import IncompatibleWeightsError, WeightsNotFoundError
+from core.weights import read_state_dict
+
+WHAT = "test weight file"
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "layer.weight": torch.randn(6, 5, generator=gen),
+        "layer.bias": torch.randn(6, generator=gen).to(torch.float16),
+        "norm.num_batches_tracked": torch.tensor(7),
+    }
+
+
+def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and got[k].device.type == "cpu", k
+        assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".sft", ".SafeTensors"])
+def test_safetensors_files(tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    save_file(tensors(), str(path))
+    assert_same(read_state_dict(path, what=WHAT), tensors())
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt", ".bin", ".pkl"])
+def test_pickles_are_read_weights_only(tmp_path, monkeypatch, suffix):
+    path = tmp_path / f"w{suffix}"
+    torch.save(tensors(), path)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert_same(read_state_dict(str(path), what=WHAT), tensors())
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model_state_dict"])
+def test_training_checkpoints_are_unwrapped(tmp_path, wrapper):
+    path = tmp_path / "trained.ckpt"
+    torch.save({wrapper: tensors(), "global_step": 470000, "epoch": 3, "note": "trained"}, path)
+    assert_same(read_state_dict(path, what=WHAT), tensors())
+
+
+def test_read_under_inference_mode_gives_normal_tensors(tmp_path):
+    st, pt = tmp_path / "w.safetensors", tmp_path / "w.pt"
+    save_file(tensors(), str(st))
+    torch.save(tensors(), pt)
+    with torch.inference_mode():
+        loaded = [read_state_dict(st, what=WHAT), read_state_dict(pt, what=WHAT)]
+    assert not any(v.is_inference() for sd in loaded for v in sd.values())
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "models" / "model_ir_se50.pth"
+    with pytest.raises(WeightsNotFoundError, match="test weight file") as info:
+        read_state_dict(path, what=WHAT)
+    assert isinstance(info.value, FileNotFoundError)
+    assert str(path) in str(info.value)
+    with pytest.raises(WeightsNotFoundError):
+        read_state_dict(tmp_path, what=WHAT)  # a folder is not a weight file
+
+
+@pytest.mark.parametrize("name", ["weights.onnx", "weights.pt2", "weights"])
+def test_unsupported_file_types_are_refused(tmp_path, name):
+    path = tmp_path / name
+    torch.save(tensors(), path)
+    with pytest.raises(IncompatibleWeightsError, match="unsupported file type") as info:
+        read_state_dict(path, what=WHAT)
+    assert str(path) in str(info.value)
+
+
+UNPICKLED = []
+
+
+def _record_unpickling():
+    UNPICKLED.append(True)
+    return 0
+
+
+class Payload:
+    """An object whose unpickling would run code: a weights_only load must refuse it."""
+
+    def __reduce__(self):
+        return (_record_unpickling, ())
+
+
+def test_pickled_objects_are_refused_without_running_them(tmp_path):
+    plain = tmp_path / "evil.pt"
+    with open(plain, "wb") as fh:
+        pickle.dump({"layer.weight": Payload()}, fh, protocol=2)
+    mixed = tmp_path / "evil2.pt"
+    torch.save({"layer.weight": torch.zeros(2), "extra": Payload()}, mixed)
+    for path in (plain, mixed):
+        with pytest.raises(IncompatibleWeightsError, match="not a plain state dict") as info:
+            read_state_dict(path, what=WHAT)
+        message = str(info.value)
+        assert str(path) in message and "refused for safety" in message
+        assert "weights_only=False" not in message  # torch's advice to load unsafely is not passed on
+    assert UNPICKLED == []
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"layer.weight": 3.0}, r"\['layer.weight'\] are not tensors"),
+    ({"layer.weight": torch.zeros(2), "step": 5}, r"\['step'\] are not tensors"),
+    ({"state_dict": {"layer.weight": torch.zeros(2), "ema": {"w": torch.zeros(2)}}}, r"\['ema'\] are not tensors"),
+    ({0: torch.zeros(2)}, "not strings"),
+    ([torch.zeros(2)], "holds a list"),
+    (torch.zeros(2), "holds a Tensor"),
+    ({}, "holds no tensors"),
+])
+def test_content_that_is_not_a_state_dict_is_refused(tmp_path, content, match):
+    path = tmp_path / "odd.pt"
+    torch.save(content, path)
+    with pytest.raises(IncompatibleWeightsError, match=match) as info:
+        read_state_dict(path, what=WHAT)
+    assert str(path) in str(info.value)
+
+
+def _cut_points(size: int) -> list[int]:
+    return sorted({0, 1, 7, 8, 20, size // 3, size // 2, size - 1})
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "zip pickle", "legacy pickle"])
+def test_truncated_files(tmp_path, kind):
+    full = tmp_path / ("full.safetensors" if kind == "safetensors" else "full.pt")
+    if kind == "safetensors":
+        save_file(tensors(), str(full))
+    else:
+        torch.save(tensors(), full, _use_new_zipfile_serialization=kind == "zip pickle")
+    data = full.read_bytes()
+    for cut in _cut_points(len(data)):
+        path = tmp_path / f"cut{cut}{full.suffix}"
+        path.write_bytes(data[:cut])
+        with pytest.raises(IncompatibleWeightsError) as info:
+            read_state_dict(path, what=WHAT)
+        message = str(info.value)
+        assert str(path) in message and WHAT in message, cut
+        assert ("safetensors" if kind == "safetensors" else "PyTorch checkpoint") in message, cut
+
+
+def test_garbage_files(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not a weight file")
+    with pytest.raises(IncompatibleWeightsError, match="not a readable safetensors file"):
+        read_state_dict(junk, what=WHAT)
+    junk_pt = tmp_path / "junk.pth"
+    junk_pt.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(IncompatibleWeightsError, match="junk.pth"):
+        read_state_dict(junk_pt, what=WHAT)
