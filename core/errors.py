@@ -50,6 +50,22 @@ class ForeignKeyFileError(KeyFileError):
     """The file is not a Diff-Privacy key file (or a newer format this version cannot read)."""
 
 
+class DamagedKeyFileError(TamperedKeyFileError):
+    """The key file's header no longer matches its own checksum (a damaged salt, KDF parameter, …)."""
+
+
+class KeyDerivationCostError(KeyFileError):
+    """A key file asks for more key-derivation work than any file this pack writes (a denial-of-service guard)."""
+
+
+class PlaintextKeyFileError(KeyFileError):
+    """An unencrypted key file was offered without the explicit opt-in to load unencrypted keys."""
+
+
+class KeyFileExistsError(KeyFileError, FileExistsError):
+    """A key file of that name exists already; key files are never replaced."""
+
+
 class KeyMismatchError(KeyFileError):
     """The keys were made with another base model or other settings than the ones given now."""
 

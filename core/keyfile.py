@@ -7,35 +7,44 @@ File layout (all integers big-endian)::
 
     offset  size  content
     0       13    magic  b"DIFFPRIV-KEY\\x00"
-    13      1     container version (1)
+    13      1     container version (2; version 1 files, without the check below, are still read)
     14      4     L = length of the header in bytes (1 … 65536)
     18      L     header: UTF-8 JSON, compact, keys sorted
-    18+L    P     payload, P = header["payload_length"]; nothing may follow it
+    18+L    32    header check: SHA-256 of bytes 0 … 18+L−1 (version 2 only)
+    18+L+32 P     payload, P = header["payload_length"]; nothing may follow it
 
 Header of an encrypted file (the default)::
 
-    {"format": "diffprivacy-keys", "version": 1, "encrypted": true,
-     "kdf": {"name": "scrypt", "n": 32768, "r": 8, "p": 1, "salt_b64": <16 random bytes>},
+    {"format": "diffprivacy-keys", "version": 2, "encrypted": true,
+     "kdf": {"name": "scrypt", "n": 131072, "r": 8, "p": 1, "salt_b64": <16 random bytes>},
      "cipher": "AES-256-GCM", "nonce_b64": <12 random bytes>, "verifier_b64": <32 bytes>,
      "payload_length": P}
 
 The passphrase (Unicode NFC, then UTF-8) goes through scrypt with the header's parameters to 64 bytes:
 bytes 0–31 are the AES-256-GCM key, bytes 32–63 a verifier secret whose SHA-256 is ``verifier``. A wrong
 passphrase is therefore reported before any decryption is tried. The payload is the GCM ciphertext followed
-by its 16-byte tag, with bytes 0 … 18+L−1 (magic, version, length and header) as associated data, so any
-edit of the header after saving fails authentication. Editing the KDF part of the header (salt, n, r, p,
-verifier) cannot be told apart from a wrong passphrase and is reported as one.
+by its 16-byte tag, with everything before the payload (magic, version, length, header and header check) as
+associated data, so any edit of the header after saving fails authentication. The header check, which needs
+no passphrase, tells accidental damage to the header (a flipped character in the salt or the KDF parameters)
+apart from a wrong passphrase; a deliberate forger can recompute it, but not the GCM tag.
+
+Loading is bounded: a header may ask for at most :data:`MAX_SCRYPT_WORK` (n·r·p, about 4× the default's
+time) and :data:`MAX_SCRYPT_MEMORY` bytes, so a crafted file cannot stall the server for minutes.
 
 Header of a plaintext file (explicit opt-out)::
 
-    {"format": "diffprivacy-keys", "version": 1, "encrypted": false,
+    {"format": "diffprivacy-keys", "version": 2, "encrypted": false,
      "payload_sha256": <hex>, "payload_length": P}
 
 The plaintext payload is protected against truncation and accidental damage by its SHA-256, not against a
-deliberate forger (who can recompute the hash).
+deliberate forger (who can recompute the hash); that is why loading one needs the same explicit opt-in as
+writing one (``allow_plaintext``), even when a passphrase is given.
+
+Files are never replaced: :func:`save_keys` refuses an existing path (KeyFileExistsError).
 
 Errors (all from :mod:`core.errors`): PassphraseRequiredError, WrongPassphraseError, TamperedKeyFileError,
-TruncatedKeyFileError and ForeignKeyFileError, each naming the file and what to do.
+DamagedKeyFileError, TruncatedKeyFileError, ForeignKeyFileError, KeyDerivationCostError,
+PlaintextKeyFileError and KeyFileExistsError, each naming the file and what to do.
 """
 from __future__ import annotations
 
@@ -59,8 +68,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .errors import (
+    DamagedKeyFileError,
     ForeignKeyFileError,
+    KeyDerivationCostError,
+    KeyFileExistsError,
     PassphraseRequiredError,
+    PlaintextKeyFileError,
     TamperedKeyFileError,
     TruncatedKeyFileError,
     WrongPassphraseError,
@@ -68,7 +81,8 @@ from .errors import (
 from .keys import PrivacyKeys, _is_int, keys_to_payload, payload_to_keys
 
 MAGIC = b"DIFFPRIV-KEY\x00"
-CONTAINER_VERSION = 1
+CONTAINER_VERSION = 2
+CHECK_BYTES = 32  # SHA-256 header check (container version ≥ 2)
 FORMAT_NAME = "diffprivacy-keys"
 
 CIPHER_NAME = "AES-256-GCM"
@@ -78,16 +92,19 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 AES_KEY_BYTES = 32
 VERIFIER_BYTES = 32
-DEFAULT_SCRYPT_N = 2 ** 15
+#: scrypt cost for files this pack writes: n = 2**17, r = 8, p = 1 (OWASP's password-storage guidance for
+#: scrypt, for secrets an attacker can attack offline; about 0.5 s on one CPU core).
+DEFAULT_SCRYPT_N = 2 ** 17
 DEFAULT_SCRYPT_R = 8
 DEFAULT_SCRYPT_P = 1
-#: Bounds on the scrypt parameters a file may ask for, so a crafted header cannot make loading allocate
-#: unbounded memory (128·n·r bytes: 1 GiB at the upper bounds). 2**12 is meant for tests only.
+#: Bounds on the scrypt parameters a file may ask for, so a crafted header can make loading neither allocate
+#: unbounded memory (128·n·r bytes) nor spend minutes (work ∝ n·r·p). 2**12 is meant for tests only.
 MIN_SCRYPT_N = 2 ** 12
 MAX_SCRYPT_N = 2 ** 20
 MAX_SCRYPT_R = 32
 MAX_SCRYPT_P = 16
-MAX_SCRYPT_MEMORY = 2 ** 30
+MAX_SCRYPT_MEMORY = 2 ** 29
+MAX_SCRYPT_WORK = 4 * DEFAULT_SCRYPT_N * DEFAULT_SCRYPT_R * DEFAULT_SCRYPT_P
 
 _LENGTH = struct.Struct(">I")
 _PREFIX_BYTES = len(MAGIC) + 1  # magic + container version
@@ -115,8 +132,16 @@ def normalize_passphrase(passphrase: str) -> bytes:
     return unicodedata.normalize("NFC", passphrase).encode("utf-8")
 
 
+def _scrypt_cost_error(n: int, r: int, p: int) -> str | None:
+    """None if (n, r, p) stay within the time and memory a load may spend, else the reason."""
+    if n * r * p > MAX_SCRYPT_WORK or 128 * n * r > MAX_SCRYPT_MEMORY:
+        return (f"it asks for an unreasonable key-derivation cost (scrypt n={n}, r={r}, p={p}; at most "
+                f"n·r·p = {MAX_SCRYPT_WORK} and {MAX_SCRYPT_MEMORY >> 20} MiB are accepted)")
+    return None
+
+
 def _check_scrypt_params(n: Any, r: Any, p: Any) -> str | None:
-    """None if (n, r, p) are acceptable, else the reason."""
+    """None if (n, r, p) are well-formed, else the reason (the cost is checked by :func:`_scrypt_cost_error`)."""
     if not (_is_int(n) and _is_int(r) and _is_int(p)):
         return "scrypt parameters must be integers"
     if n < MIN_SCRYPT_N or n > MAX_SCRYPT_N or n & (n - 1):
@@ -124,8 +149,6 @@ def _check_scrypt_params(n: Any, r: Any, p: Any) -> str | None:
         return f"scrypt n must be a power of two in [2**{lo}, 2**{hi}], got {n}"
     if not 1 <= r <= MAX_SCRYPT_R or not 1 <= p <= MAX_SCRYPT_P:
         return f"scrypt r must be in [1, {MAX_SCRYPT_R}] and p in [1, {MAX_SCRYPT_P}], got r={r}, p={p}"
-    if 128 * n * r > MAX_SCRYPT_MEMORY:
-        return f"scrypt n·r needs {128 * n * r} bytes, above the {MAX_SCRYPT_MEMORY}-byte limit"
     return None
 
 
@@ -153,9 +176,10 @@ def _header_bytes(header: dict[str, Any]) -> bytes:
 
 
 def _frame(header: dict[str, Any]) -> bytes:
-    """magic ‖ version ‖ u32 length ‖ header JSON: the bytes GCM authenticates as associated data."""
+    """magic ‖ version ‖ u32 length ‖ header JSON ‖ SHA-256 of those: the bytes GCM authenticates."""
     hb = _header_bytes(header)
-    return MAGIC + bytes([CONTAINER_VERSION]) + _LENGTH.pack(len(hb)) + hb
+    head = MAGIC + bytes([CONTAINER_VERSION]) + _LENGTH.pack(len(hb)) + hb
+    return head + hashlib.sha256(head).digest()
 
 
 def _missing_passphrase(passphrase: str | None) -> bool:
@@ -202,7 +226,8 @@ def encode_keys(
             "The passphrase is empty. Type a passphrase to encrypt the keys (or, to write an unencrypted file "
             "on purpose, pass passphrase=None with allow_plaintext=True)."
         )
-    reason = _check_scrypt_params(scrypt_n, DEFAULT_SCRYPT_R, DEFAULT_SCRYPT_P)
+    reason = (_check_scrypt_params(scrypt_n, DEFAULT_SCRYPT_R, DEFAULT_SCRYPT_P)
+              or _scrypt_cost_error(scrypt_n, DEFAULT_SCRYPT_R, DEFAULT_SCRYPT_P))
     if reason:
         raise ValueError(reason)
     salt = secrets.token_bytes(SALT_BYTES)
@@ -300,19 +325,26 @@ def _parse_container(data: bytes, source: str) -> _Container:
     (header_len,) = _LENGTH.unpack(data[_PREFIX_BYTES:_HEADER_OFFSET])
     if not 1 <= header_len <= MAX_HEADER_BYTES:
         raise _tampered(source, f"implausible header length {header_len}")
-    frame_end = _HEADER_OFFSET + header_len
+    header_end = _HEADER_OFFSET + header_len
+    version = data[len(MAGIC)]
+    frame_end = header_end + (CHECK_BYTES if version >= 2 else 0)
     if len(data) < frame_end:
         raise TruncatedKeyFileError(
             f"{source} is truncated: it ends after {len(data)} bytes, inside the {header_len}-byte header. "
             f"Copy the key file again."
         )
+    if version >= 2 and not hmac.compare_digest(hashlib.sha256(data[:header_end]).digest(),
+                                                data[header_end:frame_end]):
+        raise DamagedKeyFileError(
+            f"{source} is damaged: its header (KDF parameters, salt, nonce or sizes) no longer matches the "
+            f"checksum written with it. This is not a passphrase problem; restore the key file from a backup copy.")
     try:
-        header = json.loads(data[_HEADER_OFFSET:frame_end].decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(data[_HEADER_OFFSET:header_end].decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError):
         raise _tampered(source, "the header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _tampered(source, "the header is not a JSON object")
-    _validate_header(header, data[len(MAGIC)], source)
+    _validate_header(header, version, source)
     expected = frame_end + header["payload_length"]
     if len(data) < expected:
         raise TruncatedKeyFileError(
@@ -353,14 +385,22 @@ def _validate_header(header: dict[str, Any], container_version: int, source: str
     reason = _check_scrypt_params(kdf["n"], kdf["r"], kdf["p"])
     if reason:
         raise _tampered(source, reason)
+    reason = _scrypt_cost_error(kdf["n"], kdf["r"], kdf["p"])
+    if reason:
+        raise KeyDerivationCostError(f"{source} was refused: {reason}. This pack never writes such files.")
     _decode_b64(kdf["salt_b64"], SALT_BYTES, "kdf.salt_b64", source)
     _decode_b64(header["nonce_b64"], NONCE_BYTES, "nonce_b64", source)
     _decode_b64(header["verifier_b64"], VERIFIER_BYTES, "verifier_b64", source)
 
 
-def _decode(data: bytes, passphrase: str | None, source: str) -> PrivacyKeys:
+def _decode(data: bytes, passphrase: str | None, source: str, allow_plaintext: bool) -> PrivacyKeys:
     box = _parse_container(data, source)
     header = box.header
+    if not header["encrypted"] and not allow_plaintext:
+        raise PlaintextKeyFileError(
+            f"{source} is not encrypted, so anyone could have written it; it was refused. Load unencrypted key "
+            f"files only on purpose: switch on allow_plaintext (on the Load Privacy Keys node) for files you "
+            f"saved yourself with allow_plaintext.")
     if not header["encrypted"]:
         if not hmac.compare_digest(hashlib.sha256(box.payload).hexdigest(), header["payload_sha256"]):
             raise _tampered(source, "the payload's SHA-256 does not match the header")
@@ -386,23 +426,35 @@ def _decode(data: bytes, passphrase: str | None, source: str) -> PrivacyKeys:
     return payload_to_keys(payload, source)
 
 
-def decode_keys(data: bytes, passphrase: str | None) -> PrivacyKeys:
+def decode_keys(data: bytes, passphrase: str | None, *, allow_plaintext: bool = False) -> PrivacyKeys:
     """Inverse of :func:`encode_keys`. Tensors come back float32 on the CPU.
 
-    A passphrase given for a plaintext file is ignored. Raises PassphraseRequiredError, WrongPassphraseError,
-    TamperedKeyFileError, TruncatedKeyFileError or ForeignKeyFileError (see module docstring).
+    An unencrypted file is refused unless ``allow_plaintext`` (PlaintextKeyFileError). Raises
+    PassphraseRequiredError, WrongPassphraseError, TamperedKeyFileError, DamagedKeyFileError,
+    TruncatedKeyFileError, ForeignKeyFileError or KeyDerivationCostError (see module docstring).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    return _decode(bytes(data), passphrase, "the key data")
+    return _decode(bytes(data), passphrase, "the key data", allow_plaintext)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a 0o600 temp file in the target folder, fsync, then os.replace onto ``path``."""
+def _exists_error(path: Path) -> KeyFileExistsError:
+    return KeyFileExistsError(errno.EEXIST, "A key file of this name exists already and is never replaced "
+                                            "(it may be the only way to recover a face); choose another name",
+                              str(path))
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (0o600) with ``data`` complete, never replacing an existing file.
+
+    The bytes go to a temp file in the same folder, are fsynced, and are then hard-linked to ``path``: the link
+    appears atomically with the whole content and fails if the name exists. Where hard links are not supported
+    the file is created with O_EXCL and written in place.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -411,13 +463,31 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise _exists_error(path) from None
+        except OSError:  # no hard links here (e.g. FAT, some network shares)
+            try:
+                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            except FileExistsError:
+                raise _exists_error(path) from None
+            try:
+                with os.fdopen(out, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:  # never leave a partial key file under the final name (it is ours: O_EXCL)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                raise
+    finally:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise
     if os.name == "posix":  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -434,15 +504,18 @@ def save_keys(
     allow_plaintext: bool = False,
     scrypt_n: int = DEFAULT_SCRYPT_N,
 ) -> Path:
-    """Encrypt and write ``keys`` atomically to ``path`` (mode 0o600; parent folders are created).
+    """Encrypt and write ``keys`` to a *new* file ``path`` (mode 0o600; parent folders are created).
 
-    ``passphrase=None`` raises PassphraseRequiredError unless ``allow_plaintext=True``; other errors as
-    :func:`encode_keys`, plus OSError from writing (an existing file is then left unchanged). Returns the path.
+    ``passphrase=None`` raises PassphraseRequiredError unless ``allow_plaintext=True``; an existing ``path``
+    raises KeyFileExistsError and is left unchanged; other errors as :func:`encode_keys`, plus OSError from
+    writing. Returns the path.
     """
     path = Path(path)
+    if path.exists():
+        raise _exists_error(path)
     data = encode_keys(keys, passphrase, allow_plaintext=allow_plaintext, scrypt_n=scrypt_n)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
+    _write_new(path, data)
     return path
 
 
@@ -457,14 +530,14 @@ def _read_key_file(path: Path) -> bytes:
         raise FileNotFoundError(errno.ENOENT, "Recovery key file not found", str(path)) from None
 
 
-def load_keys(path: str | os.PathLike, passphrase: str | None) -> PrivacyKeys:
+def load_keys(path: str | os.PathLike, passphrase: str | None, *, allow_plaintext: bool = False) -> PrivacyKeys:
     """Read and, if encrypted, decrypt a key file written by :func:`save_keys`.
 
     Tensors come back float32 on the CPU. Raises FileNotFoundError for a missing file, otherwise the errors
     of :func:`decode_keys`, whose messages name the file.
     """
     path = Path(path)
-    return _decode(_read_key_file(path), passphrase, f"'{path}'")
+    return _decode(_read_key_file(path), passphrase, f"'{path}'", allow_plaintext)
 
 
 def inspect_key_file(path: str | os.PathLike) -> dict[str, Any]:
