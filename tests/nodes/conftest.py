@@ -259,8 +259,9 @@ class InProcessComfy:
         self.startup_log = list(recorder.lines)
         self.failed_custom_nodes = [line.split(": ", 1)[-1].strip() for line in self.startup_log
                                     if "(IMPORT FAILED)" in line]
+        # ComfyUI 0.33 also reads "ram_inactive"; 0.3.75 ignores it
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0})
+                                                 cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     @property
     def node_classes(self) -> dict:
