@@ -1,5 +1,5 @@
-"""nodes.bridge against the plain-Python core: the same checkpoint gives the same model through ComfyUI and
-through the diffusers backend, so keys made in one work in the other."""
+"""The bridge (``nodes/comfy``) against the plain-Python core: the same checkpoint gives the same model through
+ComfyUI and through the diffusers backend, so keys made in one work in the other."""
 from __future__ import annotations
 
 import sys
@@ -12,24 +12,25 @@ pytestmark = pytest.mark.comfyui
 
 @pytest.fixture(scope="module")
 def loaded(comfy_inprocess, tiny_checkpoint, comfyui_dir):
-    """(bridge module, ComfyBackend, DiffusersBackend) on the tiny checkpoint, loaded as ComfyUI's executor does."""
+    """(bridge package, MODEL, ComfyBackend, DiffusersBackend) on the tiny checkpoint, loaded as ComfyUI's
+    executor does; the bridge's modules are attributes of the package (``bridge.backend``, ``bridge.models``…)."""
     import comfy.sd
 
     from core.diffusers_backend import DiffusersBackend
 
-    bridge = sys.modules[comfy_inprocess.node_classes["DiffPrivacy_PrivacySampler"].__module__.rsplit(".", 1)[0]
-                         + ".bridge"]
+    nodes_package = comfy_inprocess.node_classes["DiffPrivacy_PrivacySampler"].__module__.rsplit(".", 1)[0]
+    bridge = sys.modules[nodes_package + ".comfy"]
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=True,
                                                                  output_clip=True)[:3]
-        comfy_backend = bridge.ComfyBackend(model, clip, vae, trainable=True)
+        comfy_backend = bridge.backend.ComfyBackend(model, clip, vae, trainable=True)
     plain = DiffusersBackend.from_single_file(tiny_checkpoint, tokenizer_dir=comfyui_dir / "comfy" / "sd1_tokenizer")
     return bridge, model, comfy_backend, plain
 
 
 def test_fingerprint_is_backend_independent(loaded):
     bridge, model, comfy_backend, plain = loaded
-    assert bridge.model_fingerprint(model) == plain.model_fingerprint() == comfy_backend.model_fingerprint()
+    assert bridge.models.model_fingerprint(model) == plain.model_fingerprint() == comfy_backend.model_fingerprint()
 
 
 def test_same_noise_prediction_and_conditioning(loaded):
@@ -68,7 +69,6 @@ def test_interrupt_stops_msi_and_sampling(loaded):
     from core.msi import MSIOptions
 
     bridge, model, comfy_backend, _ = loaded
-    sampler_module = sys.modules[bridge.__name__.rsplit(".", 1)[0] + ".privacy_sampler"]
     seen = []
 
     def progress(step, total, info):
@@ -79,7 +79,8 @@ def test_interrupt_stops_msi_and_sampling(loaded):
     image = torch.zeros(1, 3, 64, 64)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            msi.train_msi(comfy_backend, image, MSIOptions.preset("lite", steps=20), progress=progress, cancel=bridge.check_interrupt)
+            msi.train_msi(comfy_backend, image, MSIOptions.preset("lite", steps=20), progress=progress,
+                          cancel=bridge.progress.check_interrupt)
         assert seen == [1, 2]  # stopped at the first check after the flag was set
         with torch.inference_mode():
             z0 = torch.zeros(1, 4, 8, 8)
@@ -88,7 +89,7 @@ def test_interrupt_stops_msi_and_sampling(loaded):
             conditioning = [[torch.zeros(1, 77, 768), {}]]
             mm.interrupt_current_processing(True)
             with pytest.raises(mm.InterruptProcessingException):
-                sampler_module.sample_in_comfy(model, conditioning, plan, 0)
+                bridge.sampling.run_plan_in_comfy(model, conditioning, plan, 0)
     finally:
         mm.interrupt_current_processing(False)
 
@@ -113,7 +114,7 @@ def test_clip_vision_hidden_states_follow_the_hf_convention(loaded, comfyui_dir)
         missing, _ = comfy_vision.load_sd(state)
         assert not [k for k in missing if not k.startswith("visual_projection")], missing
         pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-        ours = bridge.ComfyVisionEncoder(comfy_vision).hidden_states(pixels)
+        ours = bridge.backend.ComfyVisionEncoder(comfy_vision).hidden_states(pixels)
         ref = hf.hidden_states(pixels)
     assert len(ours) == len(ref) == 25
     def rel(a, b):
@@ -130,14 +131,16 @@ def test_clip_vision_hidden_states_follow_the_hf_convention(loaded, comfyui_dir)
     comfy_backend = loaded[2]
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.inference_mode(False):
-        result = msi.train_msi(comfy_backend, image, MSIOptions.preset("faithful", steps=2, seed=5), vision=bridge.ComfyVisionEncoder(comfy_vision))
+        result = msi.train_msi(comfy_backend, image, MSIOptions.preset("faithful", steps=2, seed=5),
+                               vision=bridge.backend.ComfyVisionEncoder(comfy_vision))
     assert result.stage_tokens.shape == (10, 768) and result.stage_conds.shape == (10, 77, 768)
     assert torch.isfinite(result.stage_conds).all()
     assert (result.stage_tokens[0] - result.stage_tokens[9]).abs().max() > 1e-4
 
 
 def test_image_conversions(loaded):
-    """nodes.convert: grayscale and RGBA IMAGEs become RGB, sizes round to multiples of 8, bad sizes are refused."""
+    """nodes.convert: grayscale and RGBA IMAGEs become RGB, sizes round to multiples of 8, sizes outside the core's
+    one policy (64..8192 px) are refused with a message naming the node input the image came from."""
     bridge = loaded[0]
     convert = sys.modules[bridge.__name__.rsplit(".", 1)[0] + ".convert"]
     gray = torch.full((1, 70, 90, 1), 0.25)
@@ -146,11 +149,16 @@ def test_image_conversions(loaded):
     torch.testing.assert_close(convert.rgb(rgba), torch.full((1, 64, 64, 3), 0.5))  # composited over white
     x = convert.to_model_image(gray)
     assert x.shape == (1, 3, 64, 88) and float(x.min()) >= -1 and float(x.max()) <= 1
-    for bad in (torch.zeros(1, 32, 32, 3), torch.zeros(1, 64, 5000, 3), torch.full((1, 64, 64, 3), float("nan")),
+    assert convert.to_model_image(torch.zeros(1, 64, 4104, 3)).shape == (1, 3, 64, 4104)  # the CLI accepts it too
+    for bad in (torch.zeros(1, 32, 32, 3), torch.zeros(1, 64, 8200, 3), torch.full((1, 64, 64, 3), float("nan")),
                 torch.zeros(1, 64, 64, 2)):
         with pytest.raises(Exception) as err:
             convert.to_model_image(bad)
         assert type(err.value).__name__ == "InvalidImageError"
+    with pytest.raises(Exception) as err:
+        convert.to_model_image(torch.zeros(1, 32, 48, 3), "photo at Face Align's 'image' input")
+    assert "Face Align's 'image' input is 48×32 px" in str(err.value)
+    assert "use Face Align" not in str(err.value).lower()
 
 
 def test_gradient_checkpointing_keeps_the_gradient_and_is_removed(loaded):
@@ -187,13 +195,27 @@ def test_start_noise_reproduces_the_start_latent(loaded):
     from core import diffusion
 
     bridge, model, _, _ = loaded
-    ms = bridge.model_sampling(model)
+    ms = bridge.models.model_sampling(model)
     wrap = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=ms))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(8))
     for t in (581, 999):
         sigma0 = torch.tensor([diffusion.sigma_at(t)])
-        noise = bridge.start_noise(model, x, float(sigma0))
+        noise = bridge.sampling.start_noise(model, x, float(sigma0))
         at_max = comfy.samplers.KSAMPLER(None).max_denoise(wrap, sigma0)  # ComfyUI's own rule
         assert at_max == (t == 999)
         started = ms.noise_scaling(sigma0, noise.clone(), torch.zeros_like(x), at_max)
         torch.testing.assert_close(started, x, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_scaling_is_the_models_format_and_sd1_without_a_model(loaded):
+    """One pair of conversions between LATENT dicts and scaled latents; without a MODEL (the key nodes) it is
+    ComfyUI's SD1.x format, which is this SD1.x checkpoint's."""
+    from core.diffusion import LATENT_SCALE
+
+    bridge, model, _, _ = loaded
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    latent = bridge.models.to_comfy_latent(model, z)
+    torch.testing.assert_close(latent["samples"] * LATENT_SCALE, z)
+    torch.testing.assert_close(bridge.models.to_scaled_latent(model, latent).cpu(), z)
+    torch.testing.assert_close(bridge.models.to_scaled_latent(None, latent).cpu(), z)
+    torch.testing.assert_close(bridge.models.to_comfy_latent(None, z)["samples"], latent["samples"])
