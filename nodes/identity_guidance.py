@@ -8,7 +8,7 @@ from ..core.pipeline import GUIDANCE_CROPS, ProtectOptions, face_crop_for
 from ..core.recognizers import load_recognizer, reference_embedding
 from .comfy.folders import KNOWN_RECOGNIZER_FILES, list_recognizer_files, missing_recognizer_message, recognizer_path
 from .comfy.models import to_compute_device
-from .comfy.sampling import PrivacyGuider
+from .comfy.sampling import EXACT_SAMPLERS, PrivacyGuider
 from .convert import rgb, to_model_image
 from .types import CATEGORY, GuidanceSpec, GuidanceType, RecognizerType
 
@@ -27,6 +27,9 @@ def describe_step_sizes(schedule: StepSizeSchedule) -> str:
 STEP_SCHEDULE_TOOLTIP = (f"official: {describe_step_sizes(StepSizeSchedule.preset('anonymize'))} (anonymize); "
                          f"{describe_step_sizes(StepSizeSchedule.preset('hide'))} (hide). "
                          f"constant: ρ=step_scale everywhere.")
+GUIDER_TOOLTIP = (f"For SamplerCustomAdvanced (needs model, vae and conditioning), with the "
+                  f"{' or '.join(EXACT_SAMPLERS)} sampler only: its x̂₀ correction reproduces the official "
+                  f"update exactly for their deterministic first-order step, so other samplers are refused.")
 
 
 class FaceRecognizerLoader(io.ComfyNode):
@@ -102,8 +105,7 @@ class IdentityEnergyGuidance(io.ComfyNode):
             ],
             outputs=[
                 GuidanceType.Output(display_name="guidance", tooltip="For Privacy Sampler."),
-                io.Guider.Output(display_name="guider",
-                                 tooltip="For SamplerCustomAdvanced (needs model, vae and conditioning)."),
+                io.Guider.Output(display_name="guider", tooltip=GUIDER_TOOLTIP),
             ],
         )
 

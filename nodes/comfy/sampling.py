@@ -4,7 +4,7 @@
   custom SAMPLER driven by a :class:`PrivacyGuider`, so model loading, patches, previews, progress and
   Cancel are ComfyUI's own while the guided DDIM step itself is the core's.
 * :class:`PrivacyGuider` with a guidance factory is the GUIDER output of Identity Energy Guidance: identity
-  guidance as an x̂₀ correction.
+  guidance as an x̂₀ correction for ComfyUI's own ``euler`` / ``ddim`` samplers.
 * :func:`with_timestep_range` writes the per-timestep CONDITIONING entries of the Embedding Scheduler.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+import comfy.k_diffusion.sampling as k_diffusion_sampling
 import comfy.sample
 import comfy.samplers
 
@@ -24,6 +25,10 @@ from ...core.autograd import as_normal
 from .autograd import grad_ready_model
 from .models import intermediate_device, model_sampling, scale_latent, torch_device
 from .progress import check_interrupt, progress_bar_enabled, sampler_callback
+
+#: ComfyUI samplers for which the GUIDER's x̂₀ correction equals the official update: both run the
+#: deterministic first-order step x' = x̂₀ + σ'·(x − x̂₀)/σ ("ddim" is ComfyUI's Euler with another inpaint noise).
+EXACT_SAMPLERS = ("euler", "ddim")
 
 
 # ------------------------------------------------------------------------------------ conditioning
@@ -50,20 +55,106 @@ def start_noise(model, x_sigma: torch.Tensor, sigma0: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ guider
-class PrivacyGuider(comfy.samplers.CFGGuider):
-    """A GUIDER with one scheduled conditioning (CFG 1, as the official method) and optional identity
-    guidance applied as an x̂₀ correction, so it also works with core ``SamplerCustomAdvanced`` and any sampler.
+def sampler_name(sampler) -> str:
+    """A SAMPLER's name as KSamplerSelect lists it, as far as it can be told ("dpmpp_2m", "euler", …)."""
+    function = getattr(sampler, "sampler_function", None)
+    if function is None:
+        return type(sampler).__name__
+    name = getattr(function, "__name__", repr(function))
+    return name[len("sample_"):] if name.startswith("sample_") else name
 
-    For an Euler/DDIM step σ → σ', shifting x̂₀ by δ moves x' by δ·(1 − σ'/σ); δ is chosen so the step equals
-    the official update x'_VP −= ρ(t)·g, i.e. δ = −ρ·g·√(1+σ'²)/(1 − σ'/σ).
+
+def _churn(sampler) -> float:
+    """The ``s_churn`` option of a KSAMPLER (Euler's stochastic variant when > 0)."""
+    return float((getattr(sampler, "extra_options", None) or {}).get("s_churn", 0.0))
+
+
+def is_exact_sampler(sampler) -> bool:
+    """Whether ``sampler`` is ComfyUI's ``euler`` or ``ddim`` without churn, i.e. a KSAMPLER running
+    ``k_diffusion.sampling.sample_euler`` deterministically (see :data:`EXACT_SAMPLERS`)."""
+    return (isinstance(sampler, comfy.samplers.KSAMPLER)
+            and sampler.sampler_function is k_diffusion_sampling.sample_euler and _churn(sampler) == 0.0)
+
+
+def check_exact_sampler(sampler) -> None:
+    """Refuse a sampler for which Identity Energy Guidance's GUIDER cannot reproduce the official update.
+
+    Raises:
+        ValueError: naming the sampler in use and the supported ones.
+    """
+    if is_exact_sampler(sampler):
+        return
+    used = sampler_name(sampler) + (f" with s_churn={_churn(sampler):g}" if _churn(sampler) else "")
+    raise ValueError(
+        f"Identity Energy Guidance's 'guider' output works with the samplers {' and '.join(EXACT_SAMPLERS)} "
+        f"only (their deterministic first-order step is the one its x̂₀ correction reproduces exactly); "
+        f"this run uses {used!r}. Select {EXACT_SAMPLERS[0]!r} or {EXACT_SAMPLERS[1]!r} in KSamplerSelect, "
+        f"or use the Privacy Sampler node.")
+
+
+def schedule_on_host(sigmas: torch.Tensor) -> list[float]:
+    """A run's σ schedule [n+1] as Python floats (one host copy).
+
+    Raises:
+        ValueError: unless it has ≥ 2 finite entries ≥ 0, strictly descending.
+    """
+    values = [float(s) for s in sigmas.detach().flatten().cpu().double()]
+    if len(values) < 2 or not all(math.isfinite(s) and s >= 0.0 for s in values):
+        raise ValueError(f"the sigmas of a guided run need at least 2 finite values ≥ 0, got {values}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"the sigmas of a guided run must be strictly descending, got {values}")
+    return values
+
+
+def step_index(schedule: list[float], sigma: float) -> int:
+    """The index i of the step that starts at ``sigma``: schedule[i] == σ (to float32 precision), i < n.
+
+    Raises:
+        ValueError: when σ is not one of the schedule's step sigmas (a sampler evaluating the model between
+            them, which :func:`check_exact_sampler` rules out).
+    """
+    starts = schedule[:-1]
+    i = min(range(len(starts)), key=lambda k: abs(starts[k] - sigma))
+    if not math.isclose(starts[i], sigma, rel_tol=1e-5, abs_tol=1e-8):
+        raise ValueError(f"the sampler evaluated the model at σ={sigma:.6g}, which is not a step of its schedule "
+                         f"{[round(s, 6) for s in schedule]}; Identity Energy Guidance's GUIDER needs a sampler "
+                         f"that steps from one sigma to the next ({', '.join(EXACT_SAMPLERS)})")
+    return i
+
+
+def x0_shift_factor(rho: float, sigma: float, sigma_next: float) -> float:
+    """f with x̂₀ ← x̂₀ + f·g reproducing the official update for a step σ → σ' < σ.
+
+    An Euler/DDIM step x' = x̂₀ + σ'·(x − x̂₀)/σ moves x' by δ·(1 − σ'/σ) when x̂₀ moves by δ; the official
+    update is x' −= ρ·g·√(1+σ'²) in σ space (docs/method.md §4.1), so f = −ρ·√(1+σ'²)/(1 − σ'/σ).
+    """
+    return -rho * math.sqrt(1.0 + sigma_next * sigma_next) / (1.0 - sigma_next / sigma)
+
+
+class PrivacyGuider(comfy.samplers.CFGGuider):
+    """A GUIDER with one scheduled conditioning at CFG 1 (as the official method) and, with a
+    ``guidance_factory`` (→ core IdentityGuidance, built on first use), identity guidance applied as an x̂₀
+    correction (:func:`x0_shift_factor`).
+
+    The correction is exact for ComfyUI's ``euler`` and ``ddim`` samplers only (:data:`EXACT_SAMPLERS`);
+    :meth:`sample` refuses any other. Each step's σ' is the next entry of the run's own schedule
+    (``transformer_options["sample_sigmas"]``, copied to the host once per run), so any scheduler works.
+    Without a factory it is a plain CFG-1 guider for any sampler.
     """
 
-    def __init__(self, model_patcher, conditioning, guidance_factory=None):
+    def __init__(self, model_patcher, conditioning, guidance_factory: Callable | None = None):
         super().__init__(model_patcher)
         self.inner_set_conds({"positive": conditioning})
         self.guidance_factory = guidance_factory
         self._guidance = None
-        self._host_sigmas: tuple = (None, [])
+        self._schedule: tuple = (None, [])
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        if self.guidance_factory is not None:
+            check_exact_sampler(sampler)
+        return super().sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask, callback=callback,
+                              disable_pbar=disable_pbar, seed=seed)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         denoised = super().predict_noise(x, timestep, model_options, seed)
@@ -71,27 +162,24 @@ class PrivacyGuider(comfy.samplers.CFGGuider):
             return denoised
         if self._guidance is None:
             self._guidance = self.guidance_factory()
-        sigma = float(timestep.flatten()[0])
+        schedule = self._run_schedule(model_options)
+        i = step_index(schedule, float(timestep.flatten()[0]))
+        sigma, sigma_next = schedule[i], schedule[i + 1]
         rho = self._guidance.step_size(diffusion.timestep_from_sigma(sigma))
         if rho <= 0:
             return denoised
-        sigma_next = self._next_sigma(model_options.get("transformer_options", {}).get("sample_sigmas"), sigma)
         g, _ = self._guidance.gradient(denoised)
-        shrink = 1.0 - sigma_next / sigma if sigma > 0 else 1.0
-        factor = rho * math.sqrt(1.0 + sigma_next ** 2) / max(shrink, 1e-3)
-        return denoised - factor * g.to(denoised.dtype)
+        return denoised + x0_shift_factor(rho, sigma, sigma_next) * g.to(denoised.dtype)
 
-    def _next_sigma(self, sigmas, sigma: float) -> float:
-        """The σ after ``sigma`` in the run's schedule (copied to the host once per run); 0 when unknown."""
+    def _run_schedule(self, model_options: dict) -> list[float]:
+        """The run's σ schedule on the host, copied once per run (keyed by the sigma tensor ComfyUI passes)."""
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         if sigmas is None:
-            return 0.0
-        if self._host_sigmas[0] is not sigmas:
-            self._host_sigmas = (sigmas, [float(s) for s in sigmas.flatten().cpu()])
-        values = self._host_sigmas[1]
-        for a, b in zip(values, values[1:]):
-            if abs(a - sigma) <= 1e-4 * max(1.0, a):
-                return b
-        return 0.0
+            raise RuntimeError("ComfyUI did not pass the run's sigmas (transformer_options['sample_sigmas']) to "
+                               "Identity Energy Guidance's GUIDER; this ComfyUI version is not supported.")
+        if self._schedule[0] is not sigmas:
+            self._schedule = (sigmas, schedule_on_host(sigmas))
+        return self._schedule[1]
 
 
 # ---------------------------------------------------------------------------------- core plans
