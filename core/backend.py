@@ -1,7 +1,7 @@
 """What the algorithm needs from a Stable Diffusion 1.x implementation.
 
 Two implementations exist: ``core.diffusers_backend.DiffusersBackend`` (plain Python: a single-file SD1.x
-checkpoint through diffusers/transformers) and the ComfyUI bridge in ``nodes/bridge.py`` (MODEL/CLIP/VAE from
+checkpoint through diffusers/transformers) and the ComfyUI bridge in ``nodes/comfy/backend.py`` (MODEL/CLIP/VAE from
 ComfyUI's own loaders). The MSI trainer, DDIM inversion and recovery are written against this protocol only.
 
 Conventions: latents are *scaled* SD latents (×0.18215) [B, 4, H/8, W/8]; images are float [B, 3, H, W] in

@@ -24,6 +24,10 @@ from .errors import FaceNotFoundError, InvalidImageError, MultipleFacesError
 #: The one size policy for photos, in the CLI and the nodes alike (see :func:`check_image_size`).
 MIN_SHORT_SIDE = 64
 MAX_LONG_SIDE = 8192
+#: Minimum MTCNN probability of a face: the default of every detection (and of Face Align's min_confidence).
+MIN_FACE_PROBABILITY = 0.9
+#: Width of the paste-back mask's soft edge, as a fraction of the face size (Face Paste Back's feather).
+PASTE_FEATHER = 0.1
 #: A second face counts as a competing subject when its box area is at least this fraction of the largest.
 SECONDARY_FACE_RATIO = 0.25
 #: Tolerance for float images that overshoot [0, 1] by rounding.
@@ -161,7 +165,8 @@ def to_uint8_array(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
 
 
-def detect_faces(image, min_prob: float = 0.9, *, device: torch.device | str = "cpu") -> list[FaceDetection]:
+def detect_faces(image, min_prob: float = MIN_FACE_PROBABILITY, *,
+                 device: torch.device | str = "cpu") -> list[FaceDetection]:
     """All faces with probability ≥ ``min_prob``, largest box first.
 
     image: float tensor/array [H,W,3] in [0,1] or uint8 HWC RGB (anything ``ensure_rgb`` accepts).
@@ -183,7 +188,7 @@ def detect_faces(image, min_prob: float = 0.9, *, device: torch.device | str = "
 
 def single_face(
     image,
-    min_prob: float = 0.9,
+    min_prob: float = MIN_FACE_PROBABILITY,
     *,
     secondary_ratio: float = SECONDARY_FACE_RATIO,
     device: torch.device | str = "cpu",
@@ -332,7 +337,7 @@ def smoothstep(t: torch.Tensor) -> torch.Tensor:
     return t * t * (3.0 - 2.0 * t)
 
 
-def face_mask_at(uv: torch.Tensor, feather: float = 0.1, shape: str = "ellipse") -> torch.Tensor:
+def face_mask_at(uv: torch.Tensor, feather: float = PASTE_FEATHER, shape: str = "ellipse") -> torch.Tensor:
     """Paste mask at normalised crop coordinates uv [...,2] ∈ [0,1]² (outside → 0) → [...].
 
     "ellipse": the disc inscribed in the crop; "rect": the whole crop. The mask is exactly 0 on and outside
@@ -352,7 +357,7 @@ def face_mask_at(uv: torch.Tensor, feather: float = 0.1, shape: str = "ellipse")
 
 def face_mask_in_crop(
     size: int,
-    feather: float = 0.1,
+    feather: float = PASTE_FEATHER,
     shape: str = "ellipse",
     *,
     device: torch.device | str | None = None,
@@ -379,7 +384,7 @@ def _region_crop_coords(aligned: AlignedFace, region, device) -> torch.Tensor:
 
 def source_mask(
     aligned: AlignedFace,
-    feather: float = 0.1,
+    feather: float = PASTE_FEATHER,
     shape: str = "ellipse",
     *,
     device: torch.device | str | None = None,
@@ -399,7 +404,7 @@ def paste_back(
     original,
     processed_crop: torch.Tensor,
     aligned: AlignedFace,
-    feather: float = 0.1,
+    feather: float = PASTE_FEATHER,
     shape: str = "ellipse",
 ) -> torch.Tensor:
     """Warp processed crop(s) back into the photo with a feathered mask.

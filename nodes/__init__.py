@@ -1,7 +1,8 @@
-"""ComfyUI glue: thin V3 nodes that convert ComfyUI types and call ``core``; ``bridge`` holds every comfy.* call."""
+"""ComfyUI glue: thin V3 nodes that convert ComfyUI types and call ``core``; the ``comfy`` subpackage (the bridge)
+holds every call into ComfyUI's internals."""
 from __future__ import annotations
 
-from . import bridge
+from .comfy.folders import register_folders
 from .embedding_scheduler import EmbeddingScheduler
 from .faces import FaceAlign, FacePasteBack
 from .identity_guidance import FaceRecognizerLoader, IdentityEnergyGuidance
@@ -22,4 +23,4 @@ NODES = [
     Recover,
 ]
 
-bridge.register_folders()
+register_folders()

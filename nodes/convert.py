@@ -1,7 +1,8 @@
 """Pure-torch conversions between ComfyUI tensors and the core's conventions (no ComfyUI import).
 
 ComfyUI IMAGE: float [B, H, W, C] in [0, 1] (C = 3, sometimes 1 or 4); MASK: float [B, H, W] or [H, W] in [0, 1].
-Core images: float [B, 3, H, W] in [−1, 1].
+Core images: float [B, 3, H, W] in [−1, 1]. Sizes follow the one policy of ``core.faces.check_image_size``
+(the CLI's too); ``what`` arguments name the node and input an image came from, for the error messages.
 """
 from __future__ import annotations
 
@@ -9,44 +10,43 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import InvalidImageError
-
-MIN_SIDE = 64
-MAX_SIDE = 4096
+from ..core.faces import check_image_size, composite_to_rgb
 
 
-def rgb(image: torch.Tensor) -> torch.Tensor:
-    """IMAGE [B,H,W,C] → [B,H,W,3]: grayscale replicated, alpha dropped (composited over white)."""
+def rgb(image: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """IMAGE [B,H,W,C] (or one [H,W,C]) → [B,H,W,3]: grayscale replicated, alpha composited over white
+    (``core.faces.composite_to_rgb``).
+
+    Raises:
+        InvalidImageError: for another rank (naming ``what``) or channel count.
+    """
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4:
-        raise InvalidImageError(f"expected an IMAGE tensor [B,H,W,C], got shape {tuple(image.shape)}")
-    c = image.shape[-1]
-    if c == 1:
-        return image.expand(-1, -1, -1, 3)
-    if c == 4:
-        alpha = image[..., 3:4]
-        return image[..., :3] * alpha + (1.0 - alpha)
-    if c != 3:
-        raise InvalidImageError(f"expected 1, 3 or 4 image channels, got {c}")
-    return image
+        raise InvalidImageError(f"The {what} must be an IMAGE [B,H,W,C]; got shape {tuple(image.shape)}.")
+    return composite_to_rgb(image)
 
 
 def check_size(image: torch.Tensor, what: str = "image") -> None:
-    h, w = image.shape[1], image.shape[2]
-    if min(h, w) < MIN_SIDE:
-        raise InvalidImageError(f"the {what} is {w}×{h} px; at least {MIN_SIDE} px per side is needed "
-                                f"(use the Face Align node on a larger photo)")
-    if max(h, w) > MAX_SIDE:
-        raise InvalidImageError(f"the {what} is {w}×{h} px; at most {MAX_SIDE} px per side is supported here "
-                                f"(use Face Align, or downscale first)")
+    """``core.faces.check_image_size`` for IMAGE [B,H,W,C], plus finite values.
+
+    Raises:
+        InvalidImageError: naming ``what``, its size and what to do about it.
+    """
+    check_image_size(int(image.shape[1]), int(image.shape[2]), what)
     if not torch.isfinite(image).all():
-        raise InvalidImageError(f"the {what} contains NaN or infinite values")
+        raise InvalidImageError(f"The {what} contains NaN or infinite values.")
 
 
-def to_model_image(image: torch.Tensor, multiple: int = 8) -> torch.Tensor:
-    """IMAGE [B,H,W,C] in [0,1] → [B,3,H',W'] in [−1,1], resized (bicubic) to multiples of ``multiple``."""
-    x = rgb(image).float()
-    check_size(x)
+def to_model_image(image: torch.Tensor, what: str = "image", multiple: int = 8) -> torch.Tensor:
+    """IMAGE [B,H,W,C] in [0,1] → [B,3,H',W'] float32 in [−1,1], resized (bicubic) down to multiples of
+    ``multiple``.
+
+    Raises:
+        InvalidImageError: see :func:`rgb` and :func:`check_size`.
+    """
+    x = rgb(image, what).float()
+    check_size(x, what)
     x = x.permute(0, 3, 1, 2)
     h, w = x.shape[-2:]
     h2, w2 = max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple)

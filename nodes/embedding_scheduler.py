@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..core.schedules import PRESET_SWITCH_TIMESTEPS, EmbeddingSchedule, check_tiling
-from . import bridge
+from ..core.schedules import MAX_T, PRESET_SWITCH_TIMESTEPS, EmbeddingSchedule, check_tiling
+from .comfy.sampling import with_timestep_range
 from .types import CATEGORY, PrivacyEmbedsType
 
-TASKS = ["anonymize", "hide", "recover", "custom"]
+#: the core's schedule presets, then "custom" (the switch_timestep widget)
+TASKS = [*PRESET_SWITCH_TIMESTEPS, "custom"]
+TASK_TOOLTIP = (f"anonymize: stages for t > {PRESET_SWITCH_TIMESTEPS['anonymize']}; "
+                f"hide: t > {PRESET_SWITCH_TIMESTEPS['hide']}; recover: stages at every step; "
+                f"custom: use switch_timestep.")
 
 
 def scheduled_conditioning(embeds, null_conditioning, schedule: EmbeddingSchedule) -> list:
@@ -21,11 +25,11 @@ def scheduled_conditioning(embeds, null_conditioning, schedule: EmbeddingSchedul
             if not null_conditioning:
                 raise ValueError("this schedule needs the null conditioning: connect CLIP Text Encode with an "
                                  "empty prompt to 'null_conditioning'")
-            out += bridge.with_timestep_range(null_conditioning, r.start_percent, r.end_percent)
+            out += with_timestep_range(null_conditioning, r.start_percent, r.end_percent)
         else:
             cond = embeds.stage_conds[r.stage : r.stage + 1].clone()
             extras = {"pooled_output": pooled_null} if pooled_null is not None else {}
-            out += bridge.with_timestep_range([[cond, extras]], r.start_percent, r.end_percent)
+            out += with_timestep_range([[cond, extras]], r.start_percent, r.end_percent)
     return out
 
 
@@ -42,9 +46,8 @@ class EmbeddingScheduler(io.ComfyNode):
                 PrivacyEmbedsType.Input("embeds", tooltip="key-E from MSI Invert or Load Privacy Keys."),
                 io.Conditioning.Input("null_conditioning", tooltip="CLIP Text Encode of an empty prompt (\"\")."),
                 io.Combo.Input("task", options=TASKS, default="anonymize",
-                               tooltip="anonymize: stages for t > 400; hide: t > 600; recover: stages at every "
-                                       "step; custom: use switch_timestep."),
-                io.Int.Input("switch_timestep", default=400, min=-1, max=999,
+                               tooltip=TASK_TOOLTIP),
+                io.Int.Input("switch_timestep", default=PRESET_SWITCH_TIMESTEPS["anonymize"], min=-1, max=MAX_T,
                              tooltip="Only for task 'custom': stage conditionings for t > this, null text at or "
                                      "below it (-1 = stages everywhere)."),
             ],
@@ -54,5 +57,5 @@ class EmbeddingScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, embeds, null_conditioning, task, switch_timestep) -> io.NodeOutput:
-        t_sw = switch_timestep if task == "custom" else PRESET_SWITCH_TIMESTEPS[task]
-        return io.NodeOutput(scheduled_conditioning(embeds, null_conditioning, EmbeddingSchedule(t_sw)))
+        schedule = EmbeddingSchedule(switch_timestep) if task == "custom" else EmbeddingSchedule.preset(task)
+        return io.NodeOutput(scheduled_conditioning(embeds, null_conditioning, schedule))

@@ -7,8 +7,13 @@ import torch
 from comfy_api.latest import io
 
 from ..core import faces as face_ops
+from ..core.pipeline import ProtectOptions
 from .convert import check_size, rgb
 from .types import CATEGORY, AlignmentType
+
+#: the aligned crop's default side: the pipeline's (the paper's 512 px)
+ALIGNED_SIZE = ProtectOptions().size
+FACE_ALIGN_IMAGE = "photo at Face Align's 'image' input"
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,9 @@ class FaceAlign(io.ComfyNode):
                         "paper's models expect. Fails with a clear message when there is no face or several.",
             inputs=[
                 io.Image.Input("image", tooltip="A photo with one clearly visible face (first image of a batch)."),
-                io.Int.Input("size", default=512, min=64, max=2048, step=64,
-                             tooltip="Side of the aligned crop in pixels (SD1.x: 512)."),
-                io.Float.Input("min_confidence", default=0.9, min=0.5, max=1.0, step=0.01,
+                io.Int.Input("size", default=ALIGNED_SIZE, min=64, max=2048, step=64,
+                             tooltip=f"Side of the aligned crop in pixels (SD1.x: {ALIGNED_SIZE})."),
+                io.Float.Input("min_confidence", default=face_ops.MIN_FACE_PROBABILITY, min=0.5, max=1.0, step=0.01,
                                tooltip="Minimum detection probability of a face."),
             ],
             outputs=[
@@ -43,8 +48,8 @@ class FaceAlign(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, size, min_confidence) -> io.NodeOutput:
-        photo = rgb(image[:1])
-        check_size(photo, "photo")
+        photo = rgb(image[:1], FACE_ALIGN_IMAGE)
+        check_size(photo, FACE_ALIGN_IMAGE)
         photo = photo[0].float().cpu()
         face = face_ops.single_face(photo, min_prob=min_confidence)
         aligned = face_ops.align_face(photo, face, size=size)
@@ -64,7 +69,7 @@ class FacePasteBack(io.ComfyNode):
             inputs=[
                 io.Image.Input("faces", tooltip="Protected (or recovered) aligned crops, any batch size."),
                 AlignmentType.Input("alignment", tooltip="From Face Align."),
-                io.Float.Input("feather", default=0.1, min=0.0, max=0.5, step=0.01,
+                io.Float.Input("feather", default=face_ops.PASTE_FEATHER, min=0.0, max=0.5, step=0.01,
                                tooltip="Width of the soft edge, as a fraction of the face size."),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="One full photo per face crop.")],
@@ -72,6 +77,6 @@ class FacePasteBack(io.ComfyNode):
 
     @classmethod
     def execute(cls, faces, alignment, feather) -> io.NodeOutput:
-        crops = rgb(faces).float().cpu()
+        crops = rgb(faces, "image at Face Paste Back's 'faces' input").float().cpu()
         out = face_ops.paste_back(alignment.original, crops, alignment.aligned, feather=feather)
         return io.NodeOutput(out if out.dim() == 4 else out.unsqueeze(0))

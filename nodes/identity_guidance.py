@@ -3,14 +3,33 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..core.energies import StepSizeSchedule
-from ..core.pipeline import GUIDANCE_CROPS, face_crop_for
+from ..core.energies import MODES, TARGETS, IdentityGuidance, StepSizeSchedule
+from ..core.pipeline import GUIDANCE_CROPS, ProtectOptions, face_crop_for
 from ..core.recognizers import load_recognizer, reference_embedding
-from . import bridge
+from .comfy.folders import KNOWN_RECOGNIZER_FILES, list_recognizer_files, missing_recognizer_message, recognizer_path
+from .comfy.models import to_compute_device
+from .comfy.sampling import EXACT_SAMPLERS, PrivacyGuider
 from .convert import rgb, to_model_image
 from .types import CATEGORY, GuidanceSpec, GuidanceType, RecognizerType
 
 STEP_SCHEDULES = ["official", "constant"]
+#: the widgets' defaults are the core's anonymization defaults
+DEFAULTS = ProtectOptions.preset("anonymize")
+SOURCE = "image at Identity Energy Guidance's 'source' input"
+
+
+def describe_step_sizes(schedule: StepSizeSchedule) -> str:
+    """ρ(t) in words: "ρ=1" or "ρ=1.5 for t>600, 2.5 below"."""
+    parts = [f"ρ={rho:g} for t>{t}" for t, rho in schedule.steps]
+    return ", ".join(parts + [f"{schedule.default:g} below"]) if parts else f"ρ={schedule.default:g}"
+
+
+STEP_SCHEDULE_TOOLTIP = (f"official: {describe_step_sizes(StepSizeSchedule.preset('anonymize'))} (anonymize); "
+                         f"{describe_step_sizes(StepSizeSchedule.preset('hide'))} (hide). "
+                         f"constant: ρ=step_scale everywhere.")
+GUIDER_TOOLTIP = (f"For SamplerCustomAdvanced (needs model, vae and conditioning), with the "
+                  f"{' or '.join(EXACT_SAMPLERS)} sampler only: its x̂₀ correction reproduces the official "
+                  f"update exactly for their deterministic first-order step, so other samplers are refused.")
 
 
 class FaceRecognizerLoader(io.ComfyNode):
@@ -20,10 +39,11 @@ class FaceRecognizerLoader(io.ComfyNode):
             node_id="DiffPrivacy_FaceRecognizerLoader",
             display_name="Face Recognizer Loader",
             category=CATEGORY,
-            description="Loads a face recognizer from models/face_recognition: FaceNet VGGFace2 "
-                        "(20180402-114759-vggface2.pt) or ArcFace IR-SE50 (model_ir_se50.pth). Never downloads.",
+            description=f"Loads a face recognizer from models/face_recognition: FaceNet VGGFace2 "
+                        f"({KNOWN_RECOGNIZER_FILES['facenet']}) or ArcFace IR-SE50 "
+                        f"({KNOWN_RECOGNIZER_FILES['arcface']}). Never downloads.",
             inputs=[
-                io.Combo.Input("recognizer_name", options=bridge.list_recognizer_files(),
+                io.Combo.Input("recognizer_name", options=list_recognizer_files(),
                                tooltip="Weight file in ComfyUI's models/face_recognition folder."),
                 io.Combo.Input("kind", options=["auto", "facenet", "arcface"], default="auto",
                                tooltip="Architecture; auto detects it from the file's parameter names."),
@@ -33,13 +53,13 @@ class FaceRecognizerLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, recognizer_name):
-        if recognizer_name not in bridge.list_recognizer_files():
-            return bridge.missing_recognizer_message(recognizer_name)
+        if recognizer_name not in list_recognizer_files():
+            return missing_recognizer_message(recognizer_name)
         return True
 
     @classmethod
     def execute(cls, recognizer_name, kind) -> io.NodeOutput:
-        path = bridge.recognizer_path(recognizer_name)
+        path = recognizer_path(recognizer_name)
         return io.NodeOutput(load_recognizer(path, kind))
 
 
@@ -57,24 +77,25 @@ class IdentityEnergyGuidance(io.ComfyNode):
                 RecognizerType.Input("recognizer", tooltip="From Face Recognizer Loader (paper: ArcFace for "
                                                            "anonymize, FaceNet for hide)."),
                 io.Image.Input("source", tooltip="The face being protected (the same aligned image as MSI Invert)."),
-                io.Combo.Input("mode", options=["anonymize", "hide"], default="anonymize",
+                io.Combo.Input("mode", options=list(MODES), default=DEFAULTS.task,
                                tooltip="anonymize: FR must not match the source; hide: FR must still match."),
                 io.Combo.Input("step_schedule", options=STEP_SCHEDULES, default="official",
-                               tooltip="official: ρ=1 (anonymize); ρ=1.5 for t>600, 2.5 below (hide). "
-                                       "constant: ρ=step_scale everywhere."),
-                io.Float.Input("step_scale", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip=STEP_SCHEDULE_TOOLTIP),
+                io.Float.Input("step_scale", default=DEFAULTS.step_scale, min=0.0, max=100.0, step=0.05,
                                tooltip="Multiplies the official step sizes (or is ρ for 'constant'); 0 = off."),
-                io.Float.Input("diversity_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                io.Float.Input("diversity_weight", default=IdentityGuidance.diversity_weight, min=0.0, max=10.0,
+                               step=0.05,
                                tooltip="anonymize only: weight of the term pushing the batch's faces apart."),
-                io.Combo.Input("crop", options=list(GUIDANCE_CROPS), default="official",
+                io.Combo.Input("crop", options=list(GUIDANCE_CROPS), default=DEFAULTS.crop,
                                tooltip="official: ArcFace FFHQ crop / FaceNet whole image; detect: MTCNN box on "
                                        "the source, reused for every sample (robust for unaligned inputs)."),
-                io.Combo.Input("gradient_target", options=["x0", "xt"], default="x0",
+                io.Combo.Input("gradient_target", options=list(TARGETS), default=IdentityGuidance.target,
                                tooltip="x0: through the VAE decoder only (official, cheaper); xt: also through "
                                        "the UNet (FreeDoM-style, ~2× cost)."),
                 io.Float.Input("max_grad_norm", default=0.0, min=0.0, max=1000.0, step=0.1,
                                tooltip="Per-sample gradient L2 clip; 0 = off (official)."),
-                io.Float.Input("max_identity_similarity", default=0.5, min=-1.0, max=1.0, step=0.01,
+                io.Float.Input("max_identity_similarity", default=DEFAULTS.max_identity_similarity, min=-1.0, max=1.0,
+                               step=0.01,
                                tooltip="anonymize: fail (no output) if any result's cosine similarity to the "
                                        "source under this recognizer exceeds this. 1 disables the check."),
                 io.Model.Input("model", optional=True, tooltip="Only for the GUIDER output."),
@@ -84,8 +105,7 @@ class IdentityEnergyGuidance(io.ComfyNode):
             ],
             outputs=[
                 GuidanceType.Output(display_name="guidance", tooltip="For Privacy Sampler."),
-                io.Guider.Output(display_name="guider",
-                                 tooltip="For SamplerCustomAdvanced (needs model, vae and conditioning)."),
+                io.Guider.Output(display_name="guider", tooltip=GUIDER_TOOLTIP),
             ],
         )
 
@@ -93,9 +113,9 @@ class IdentityEnergyGuidance(io.ComfyNode):
     def execute(cls, recognizer, source, mode, step_schedule, step_scale, diversity_weight, crop,
                 gradient_target, max_grad_norm, max_identity_similarity, model=None, vae=None,
                 conditioning=None) -> io.NodeOutput:
-        recognizer = bridge.to_compute_device(recognizer)
-        face_crop = face_crop_for(crop, recognizer, rgb(source[:1])[0].float().cpu())
-        src = to_model_image(source[:1])
+        recognizer = to_compute_device(recognizer)
+        src = to_model_image(source[:1], SOURCE)  # checks the size first, in the node's terms
+        face_crop = face_crop_for(crop, recognizer, rgb(source[:1], SOURCE)[0].float().cpu())
         embedding = reference_embedding(recognizer, face_crop, src)
         if step_schedule == "official":
             steps = StepSizeSchedule.preset(mode).scaled(step_scale)
@@ -108,5 +128,5 @@ class IdentityEnergyGuidance(io.ComfyNode):
         guider = None
         if model is not None and vae is not None and conditioning is not None:
             from .privacy_sampler import bind_guidance
-            guider = bridge.PrivacyGuider(model, conditioning, lambda: bind_guidance(spec, vae, model))
+            guider = PrivacyGuider(model, conditioning, lambda: bind_guidance(spec, vae, model))
         return io.NodeOutput(spec, guider)

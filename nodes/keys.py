@@ -5,13 +5,13 @@ import os
 import re
 import time
 
-import torch
 from comfy_api.latest import io, ui
 
-from ..core.diffusion import LATENT_SCALE
+from ..core.autograd import as_normal
 from ..core.keyfile import load_keys, save_keys
 from ..core.keys import PrivacyKeys
-from . import bridge
+from .comfy.folders import key_file_path, keys_directory, list_key_files, missing_key_file_message
+from .comfy.models import to_comfy_latent, to_scaled_latent
 from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
 
 ENV_PREFIX = "env:"
@@ -65,11 +65,12 @@ class SavePrivacyKeys(io.ComfyNode):
     @classmethod
     def execute(cls, embeds, key_latent, filename_prefix, passphrase, allow_plaintext) -> io.NodeOutput:
         secret = resolve_passphrase(passphrase)
-        with torch.inference_mode(False):
-            z_T = key_latent["samples"].float().cpu().clone() * LATENT_SCALE
-            keys = PrivacyKeys(embeds.stage_tokens.clone(), embeds.stage_conds.clone(), z_T, embeds.metadata)
+        # key-I travels as a LATENT (unscaled, what MSI Invert outputs); the file stores the scaled z_T. Key
+        # files belong to SD1.x checkpoints, so without a MODEL input the SD1.x latent format converts it.
+        z_T = as_normal(to_scaled_latent(None, key_latent).cpu())
+        keys = PrivacyKeys(as_normal(embeds.stage_tokens), as_normal(embeds.stage_conds), z_T, embeds.metadata)
         name = f"{safe_prefix(filename_prefix)}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid() % 1000:03d}.dpkey"
-        path = save_keys(os.path.join(bridge.keys_directory(), name), keys, secret,
+        path = save_keys(os.path.join(keys_directory(), name), keys, secret,
                          allow_plaintext=allow_plaintext)
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"keys saved: {path.name}"))
 
@@ -83,7 +84,7 @@ class LoadPrivacyKeys(io.ComfyNode):
             category=CATEGORY,
             description="Opens a .dpkey file from output/diff_privacy_keys with its passphrase.",
             inputs=[
-                io.Combo.Input("key_file", options=bridge.list_key_files(),
+                io.Combo.Input("key_file", options=list_key_files(),
                                tooltip="A key file in output/diff_privacy_keys (press R to refresh)."),
                 io.String.Input("passphrase", default=DEFAULT_PASSPHRASE_SOURCE, tooltip=PASSPHRASE_TOOLTIP),
             ],
@@ -95,19 +96,18 @@ class LoadPrivacyKeys(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, key_file):
-        if not os.path.isfile(bridge.key_file_path(key_file)):
-            return (f"Key file {key_file!r} not found in {bridge.keys_directory()}; put the .dpkey file there "
-                    f"and press R to refresh.")
+        if not os.path.isfile(key_file_path(key_file)):
+            return missing_key_file_message(key_file)
         return True
 
     @classmethod
     def fingerprint_inputs(cls, key_file, passphrase):
-        path = bridge.key_file_path(key_file)
+        path = key_file_path(key_file)
         return os.path.getmtime(path) if os.path.exists(path) else float("nan")
 
     @classmethod
     def execute(cls, key_file, passphrase) -> io.NodeOutput:
-        keys = load_keys(bridge.key_file_path(key_file), resolve_passphrase(passphrase))
+        keys = load_keys(key_file_path(key_file), resolve_passphrase(passphrase))
         embeds = PrivacyEmbeds(keys.stage_tokens, keys.stage_conds, keys.metadata)
-        latent = {"samples": (keys.z_T / LATENT_SCALE).to(bridge.intermediate_device())}
+        latent = to_comfy_latent(None, keys.z_T)  # SD1.x latent format: see SavePrivacyKeys
         return io.NodeOutput(embeds, latent)

@@ -1,15 +1,23 @@
 """MSI Invert: learn the 10 stage conditionings of one face (key-E) and DDIM-invert it (key-I)."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..core import msi, sampling
-from ..core.autograd import normal_tensors
+from ..core.autograd import as_normal, normal_tensors
+from ..core.diffusion import MAX_DDIM_STEPS
 from ..core.keys import KeyMetadata
-from . import bridge
+from ..core.pipeline import ProtectOptions
+from .comfy.backend import ComfyBackend, ComfyVisionEncoder
+from .comfy.models import release_memory, to_comfy_latent
+from .comfy.progress import check_interrupt, progress_bar
 from .convert import to_model_image
 from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
+
+#: the widgets' defaults are the core's: faithful MSI options, the pipeline's inversion steps
+MSI_DEFAULTS = msi.MSIOptions.preset("faithful")
+INVERSION_STEPS = ProtectOptions().inversion_steps
+IMAGE = "image at MSI Invert's 'image' input"
 
 
 class MSIInvert(io.ComfyNode):
@@ -28,7 +36,7 @@ class MSIInvert(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
                 io.Image.Input("image", tooltip="One aligned face (use Face Align on an ordinary photo); the "
                                                 "first image of a batch is used. 512×512 as in the paper."),
-                io.Combo.Input("mode", options=["faithful", "lite"], default="faithful",
+                io.Combo.Input("mode", options=list(msi.MODES), default=MSI_DEFAULTS.mode,
                                tooltip="faithful: the paper's MSI network on CLIP-vision features (needs "
                                        "clip_vision). lite: 10 stage tokens learned directly (faster)."),
                 io.Int.Input("steps", default=msi.FAITHFUL_STEPS, min=1, max=100000,
@@ -37,14 +45,15 @@ class MSIInvert(io.ComfyNode):
                 io.Float.Input("learning_rate", default=msi.FAITHFUL_LR, min=1e-6, max=1.0, step=1e-5, round=1e-6,
                                tooltip=f"AdamW learning rate (faithful, the paper: {msi.FAITHFUL_LR:g}; "
                                        f"lite: {msi.LITE_LR:g} is its default)."),
-                io.Int.Input("inversion_steps", default=50, min=2, max=999,
+                io.Int.Input("inversion_steps", default=INVERSION_STEPS, min=2, max=MAX_DDIM_STEPS,
                              tooltip="DDIM steps of the inversion that makes key-I; recovery uses the same."),
-                io.Int.Input("timesteps_per_step", default=1, min=1, max=64,
+                io.Int.Input("timesteps_per_step", default=MSI_DEFAULTS.timesteps_per_step, min=1, max=64,
                              tooltip="Timesteps drawn per optimisation step (same expected gradient, better "
                                      "GPU use; memory grows with it)."),
-                io.Int.Input("seed", default=23, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the timestep and noise draws (paper: 23)."),
-                io.Boolean.Input("official_uint8_quirk", default=False,
+                io.Int.Input("seed", default=MSI_DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             control_after_generate=True,
+                             tooltip=f"Seed of the timestep and noise draws (paper: {MSI_DEFAULTS.seed})."),
+                io.Boolean.Input("official_uint8_quirk", default=MSI_DEFAULTS.uint8_quirk,
                                  tooltip="Reproduce the released code's broken CLIP preprocessing (uint8 cast "
                                          "of [-1,1] pixels). Off = correct preprocessing."),
                 io.ClipVision.Input("clip_vision", optional=True,
@@ -62,23 +71,22 @@ class MSIInvert(io.ComfyNode):
         if mode == "faithful" and clip_vision is None:
             raise ValueError("MSI Invert in 'faithful' mode needs a CLIP ViT-L/14 vision model: add a "
                              "Load CLIP Vision node (models/clip_vision) and connect it, or switch mode to 'lite'.")
-        backend = bridge.ComfyBackend(model, clip, vae, trainable=True)
-        source = to_model_image(image[:1]).to(backend.device)
-        vision = bridge.ComfyVisionEncoder(clip_vision) if clip_vision is not None else None
+        backend = ComfyBackend(model, clip, vae, trainable=True)
+        source = to_model_image(image[:1], IMAGE).to(backend.device)
+        vision = ComfyVisionEncoder(clip_vision) if clip_vision is not None else None
         options = msi.MSIOptions(mode=mode, steps=steps, lr=learning_rate, seed=seed,
                                  timesteps_per_step=timesteps_per_step, uint8_quirk=official_uint8_quirk)
         with normal_tensors():  # MSI's parameters and optimizer state must be normal tensors
             result = msi.train_msi(backend, source, options, vision=vision,
-                                   progress=bridge.progress_bar(steps, "MSI "), cancel=bridge.check_interrupt)
+                                   progress=progress_bar(steps, "MSI "), cancel=check_interrupt)
         z0 = backend.encode_image(source)
         z_T = sampling.ddim_invert(backend, z0, result.stage_conds, inversion_steps,
-                                   progress=bridge.progress_bar(inversion_steps), cancel=bridge.check_interrupt)
+                                   progress=progress_bar(inversion_steps), cancel=check_interrupt)
         metadata = KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=inversion_steps,
                                schedule="recover", msi_mode=mode, image_size=tuple(source.shape[-2:]))
-        with normal_tensors():
-            embeds = PrivacyEmbeds(result.stage_tokens.detach().float().cpu().clone(),
-                                   result.stage_conds.detach().float().cpu().clone(), metadata)
-        latent = bridge.scaled_to_comfy_latent(model, z_T)
+        embeds = PrivacyEmbeds(as_normal(result.stage_tokens.detach().float().cpu()),
+                               as_normal(result.stage_conds.detach().float().cpu()), metadata)
+        latent = to_comfy_latent(model, z_T)
         del backend
-        bridge.release_memory()
+        release_memory()
         return io.NodeOutput(embeds, latent)

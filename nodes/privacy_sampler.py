@@ -1,9 +1,6 @@
 """Privacy Sampler (guided DDIM from a partially noised face) and Recover (DDIM from key-I with key-E)."""
 from __future__ import annotations
 
-import dataclasses
-
-import torch
 from comfy_api.latest import io
 
 from ..core import sampling
@@ -12,42 +9,25 @@ from ..core.energies import BackgroundPaste, IdentityGuidance, mask_to_latent
 from ..core.keys import check_compatible
 from ..core.pipeline import check_protected
 from ..core.schedules import EmbeddingSchedule
-from . import bridge
+from .comfy.autograd import DifferentiableDecoder
+from .comfy.models import (decode_to_images, encode_image, load_models, model_fingerprint, release_memory,
+                           to_comfy_latent, to_scaled_latent)
+from .comfy.sampling import run_plan_in_comfy
 from .convert import mask_batch, to_comfy_image, to_model_image
 from .embedding_scheduler import scheduled_conditioning
 from .types import CATEGORY, GuidanceType, PrivacyEmbedsType
 
 #: the widgets' defaults are the official anonymization settings (hide's are in workflows/hide.json)
 ANONYMIZE = sampling.SamplingOptions.preset("anonymize")
+IMAGE = "image at Privacy Sampler's 'image' input"
 
 
 def bind_guidance(spec, vae, model) -> IdentityGuidance:
     """core IdentityGuidance from a GuidanceSpec, decoding through a private copy of ComfyUI's VAE."""
-    return IdentityGuidance(decode=bridge.DifferentiableDecoder(vae, model), recognizer=spec.recognizer,
+    return IdentityGuidance(decode=DifferentiableDecoder(vae, model), recognizer=spec.recognizer,
                             crop=spec.crop, source_embedding=spec.source_embedding, mode=spec.mode,
                             diversity_weight=spec.diversity_weight, step_size=spec.step_size,
                             target=spec.target, max_grad_norm=spec.max_grad_norm)
-
-
-def sample_in_comfy(model, conditioning, plan: sampling.SamplingPlan, seed: int, *, guidance=None, background=None,
-                    grad_through_unet: bool = False) -> torch.Tensor:
-    """Run core.sampling.run_plan inside ComfyUI's sampler stack; returns VP scaled latents.
-
-    The start latent x_σ is handed to ComfyUI as a noise over an empty latent that ComfyUI's own start
-    (``latent + σ₀·noise``) turns back into exactly x_σ.
-    """
-    sampler_model = bridge.grad_ready_model(model) if grad_through_unet else model
-    guider = bridge.PrivacyGuider(sampler_model, conditioning)
-
-    def run_loop(denoise, x, _device_sigmas, callback):
-        return sampling.run_plan(denoise, dataclasses.replace(plan, x=x), guidance=guidance, background=background,
-                                 callback=callback, cancel=bridge.check_interrupt)
-
-    noise = bridge.start_noise(model, plan.x, float(plan.sigmas[0]))
-    empty = torch.zeros_like(plan.x)
-    unscaled = bridge.run_guider(guider, noise, empty, bridge.guided_ddim_sampler(run_loop),
-                                 plan.sigmas.float(), seed, preview_steps=plan.num_steps)
-    return model.model.process_latent_in(unscaled.to(bridge.torch_device(), torch.float32))
 
 
 class PrivacySampler(io.ComfyNode):
@@ -91,11 +71,11 @@ class PrivacySampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, conditioning, guidance, steps, strength, batch_size, seed, paste_below_timestep,
                 image=None, latent=None, background_mask=None) -> io.NodeOutput:
-        bridge.load_models(model)
+        load_models(model)
         if latent is not None:
-            z0 = bridge.comfy_latent_to_scaled(model, latent)[:1]
+            z0 = to_scaled_latent(model, latent)[:1]
         elif image is not None:
-            z0 = bridge.encode_image(vae, model, to_comfy_image(to_model_image(image[:1])))
+            z0 = encode_image(vae, model, to_comfy_image(to_model_image(image[:1], IMAGE)))
         else:
             raise ValueError("Privacy Sampler needs the source face: connect 'image' (or 'latent').")
         options = sampling.SamplingOptions(steps=steps, strength=strength, batch_size=batch_size, seed=seed)
@@ -105,13 +85,13 @@ class PrivacySampler(io.ComfyNode):
         if background_mask is not None:
             mask = mask_to_latent(mask_batch(background_mask)[:1].to(z0.device), tuple(z0.shape[-2:]))
             background = BackgroundPaste(mask, z0, below_timestep=paste_below_timestep)
-        z = sample_in_comfy(model, conditioning, plan, seed, guidance=bound, background=background,
-                            grad_through_unet=guidance.target == "xt")
+        z = run_plan_in_comfy(model, conditioning, plan, seed, guidance=bound, background=background,
+                              grad_through_unet=guidance.target == "xt")
         if guidance.mode == "anonymize" and guidance.max_identity_similarity < 1.0:
             check_protected(bound.similarities(z), guidance.max_identity_similarity)
-        out = bridge.scaled_to_comfy_latent(model, z)
-        images = bridge.decode_to_images(vae, out["samples"])
-        bridge.release_memory()
+        out = to_comfy_latent(model, z)
+        images = decode_to_images(vae, out["samples"])
+        release_memory()
         return io.NodeOutput(images, out)
 
 
@@ -135,13 +115,13 @@ class Recover(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, embeds, key_latent) -> io.NodeOutput:
-        bridge.load_models(model)
+        load_models(model)
         meta = embeds.metadata
-        check_compatible(meta, bridge.model_fingerprint(model))
-        plan = sampling.recovery_plan(bridge.comfy_latent_to_scaled(model, key_latent), meta.ddim_steps)
+        check_compatible(meta, model_fingerprint(model))
+        plan = sampling.recovery_plan(to_scaled_latent(model, key_latent), meta.ddim_steps)
         conditioning = scheduled_conditioning(embeds, None, EmbeddingSchedule.preset("recover"))
-        z0 = sample_in_comfy(model, conditioning, plan, seed=0)
-        images = bridge.decode_to_images(vae, bridge.scaled_to_comfy_latent(model, z0)["samples"])
-        bridge.release_memory()
+        z0 = run_plan_in_comfy(model, conditioning, plan, seed=0)
+        images = decode_to_images(vae, to_comfy_latent(model, z0)["samples"])
+        release_memory()
         return io.NodeOutput(images)
 

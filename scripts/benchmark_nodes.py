@@ -30,7 +30,8 @@ def load_pack():
     name = next(m for m in sys.modules if m.endswith(".nodes.privacy_sampler"))
     root = name[: -len(".nodes.privacy_sampler")]
     return {k: sys.modules[f"{root}.{k}"] for k in (
-        "nodes.bridge", "nodes.privacy_sampler", "nodes.embedding_scheduler", "nodes.types", "core.sampling",
+        "nodes.comfy.backend", "nodes.comfy.models", "nodes.comfy.sampling", "nodes.privacy_sampler",
+        "nodes.embedding_scheduler", "nodes.types", "core.sampling",
         "core.recognizers", "core.faces", "core.keys", "core.schedules", "core.energies")}
 
 
@@ -71,7 +72,9 @@ def main(argv=None) -> int:
     from skimage import data
 
     pack = load_pack()
-    bridge, ps, sched = pack["nodes.bridge"], pack["nodes.privacy_sampler"], pack["nodes.embedding_scheduler"]
+    models, comfy_sampling = pack["nodes.comfy.models"], pack["nodes.comfy.sampling"]
+    ComfyBackend = pack["nodes.comfy.backend"].ComfyBackend
+    ps, sched = pack["nodes.privacy_sampler"], pack["nodes.embedding_scheduler"]
     sampling, rec, faces, keys = pack["core.sampling"], pack["core.recognizers"], pack["core.faces"], pack["core.keys"]
     schedules, energies, types = pack["core.schedules"], pack["core.energies"], pack["nodes.types"]
 
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         photo = torch.from_numpy(data.astronaut()).float() / 255.0
         aligned = faces.align_face(photo, faces.single_face(photo), size=args.size).crop
         image = aligned.permute(2, 0, 1).unsqueeze(0) * 2 - 1
-        recognizer = bridge.to_compute_device(rec.load_recognizer(str(facenet), "facenet"))
+        recognizer = models.to_compute_device(rec.load_recognizer(str(facenet), "facenet"))
         crop = rec.FaceCrop.official(recognizer)
         spec = types.GuidanceSpec(recognizer=recognizer, crop=crop,
                                   source_embedding=rec.reference_embedding(recognizer, crop, image),
@@ -88,11 +91,11 @@ def main(argv=None) -> int:
                                   step_size=energies.StepSizeSchedule.preset("anonymize"), target="x0",
                                   max_grad_norm=None, max_identity_similarity=1.0)
         guidance = ps.bind_guidance(spec, vae, model)
-        z0 = bridge.encode_image(vae, model, ((image + 1) / 2).permute(0, 2, 3, 1))
+        z0 = models.encode_image(vae, model, ((image + 1) / 2).permute(0, 2, 3, 1))
         gen = torch.Generator().manual_seed(0)
         stage_conds = torch.randn(10, 77, 768, generator=gen) * 0.5
         null = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        meta = keys.KeyMetadata(model_fingerprint=bridge.model_fingerprint(model), ddim_steps=50,
+        meta = keys.KeyMetadata(model_fingerprint=models.model_fingerprint(model), ddim_steps=50,
                                 schedule="recover", msi_mode="lite", image_size=(args.size, args.size))
         embeds = types.PrivacyEmbeds(stage_conds[:, 0].clone(), stage_conds, meta)
         schedule = schedules.EmbeddingSchedule.preset("anonymize")
@@ -102,9 +105,9 @@ def main(argv=None) -> int:
         plan = sampling.protection_plan(z0, sampling.SamplingOptions(num_steps, strength, args.batch, seed=0))
 
         def through_nodes():
-            ps.sample_in_comfy(model, conditioning, plan, 0, guidance=guidance)
+            comfy_sampling.run_plan_in_comfy(model, conditioning, plan, 0, guidance=guidance)
 
-        backend = bridge.ComfyBackend(model, clip, vae)
+        backend = ComfyBackend(model, clip, vae)
         null_cond = backend.null_conditioning()
         denoise = sampling.make_backend_denoiser(backend, schedule, stage_conds.to(backend.device), null_cond,
                                                  args.batch)
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
         n = plan.num_steps
         t_nodes = timed(through_nodes, args.repeats) / n
         t_core = timed(through_core, args.repeats) / n
-    device = bridge.torch_device()
+    device = models.torch_device()
     print(f"device {device}, {args.size}px, batch {args.batch}, {n} guided steps per run, median of {args.repeats}")
     print(f"guided step through ComfyUI nodes: {t_nodes * 1000:8.1f} ms")
     print(f"guided step through core directly: {t_core * 1000:8.1f} ms")
