@@ -14,6 +14,7 @@ this payload in an encrypted container: see :mod:`core.keyfile`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -216,6 +217,13 @@ def check_compatible(keys: PrivacyKeys | KeyMetadata, model_fingerprint: str, dd
 # --------------------------------------------------------------------------------------------------------
 # Payload (safetensors)
 # --------------------------------------------------------------------------------------------------------
+
+def stage_conds_digest(stage_conds: torch.Tensor) -> str:
+    """SHA-256 (hex) of key-E's stage conditionings [10,77,D] as float32 bytes: ties a gate receipt to the
+    keys of the run it vouches for, without carrying the secret itself."""
+    data = stage_conds.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
 
 def keys_to_payload(keys: PrivacyKeys) -> bytes:
     """Safetensors bytes: float32 contiguous CPU tensors plus the metadata JSON under one key."""

@@ -13,11 +13,14 @@ from comfy_api.latest import io
 from ..core.energies import StepSizeSchedule
 from ..core.keys import KeyMetadata
 from ..core.recognizers import FaceCrop, FaceRecognizer
+from ..core.report import PrivacyReport
 
 PrivacyEmbedsType = io.Custom("PRIVACY_EMBEDS")
 GuidanceType = io.Custom("PRIVACY_GUIDANCE")
 RecognizerType = io.Custom("FACE_RECOGNIZER")
 AlignmentType = io.Custom("FACE_ALIGNMENT")
+VerifiersType = io.Custom("FACE_VERIFIERS")
+ReceiptType = io.Custom("PRIVACY_RECEIPT")
 
 CATEGORY = "Diff-Privacy"
 
@@ -45,3 +48,15 @@ class GuidanceSpec:
     max_grad_norm: float | None
     max_identity_similarity: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrivacyReceipt:
+    """Proof that Privacy Sampler's results passed the identity gate (core/gate.py), bound to the keys of
+    that run: Save Privacy Keys writes nothing without a receipt whose ``keys_digest`` equals
+    ``core.keys.stage_conds_digest`` of the key-E it is asked to save, and whose ``model_fingerprint`` equals
+    the keys' own. Made only by Privacy Sampler after the gate passed; holds no secret."""
+
+    keys_digest: str
+    model_fingerprint: str
+    report: PrivacyReport
