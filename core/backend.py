@@ -43,7 +43,10 @@ class DiffusionBackend(Protocol):
         """Input embedding [D] of the first token of ``word`` (used to initialise lite MSI tokens)."""
 
     def model_fingerprint(self) -> str:
-        """A short stable hash of the denoiser weights, stored in key metadata."""
+        """Hash of every denoiser weight as it runs (core/fingerprint.py), stored in key metadata."""
+
+    def text_encoder_fingerprint(self) -> str:
+        """Hash of every text-encoder weight, for the privacy report."""
 
 
 @runtime_checkable

@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .diffusion import LATENT_SCALE
 from .errors import IncompatibleWeightsError, InvalidImageError, WeightsNotFoundError
-from .fingerprint import unet_fingerprint
+from .fingerprint import text_encoder_fingerprint, unet_fingerprint
 from .text_encoder import CLIPTextEncoder, PlaceholderConditioner
 from .weights import read_state_dict
 
@@ -118,14 +118,14 @@ class DiffusersBackend:
     """SD1.x denoiser, VAE and CLIP text encoder behind the DiffusionBackend protocol (all weights frozen)."""
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_model: CLIPTextEncoder, tokenizer, *, vae_kind: str,
-                 device, dtype: torch.dtype, vae_dtype: torch.dtype, fingerprint: str,
+                 device, dtype: torch.dtype, vae_dtype: torch.dtype, fingerprint: str, text_fingerprint: str,
                  taesd_scale: float = LATENT_SCALE, taesd_shift: float = 0.0):
         self.unet, self.vae, self.text_model, self.tokenizer = unet, vae, text_model, tokenizer
         self.vae_kind = vae_kind
         self.device = torch.device(device)
         self.dtype, self.vae_dtype = dtype, vae_dtype
         self.token_dim = text_model.dim
-        self._fingerprint = fingerprint
+        self._fingerprint, self._text_fingerprint = fingerprint, text_fingerprint
         self._taesd_scale, self._taesd_shift = float(taesd_scale), float(taesd_shift)
         self._null: torch.Tensor | None = None
         self._gradient_checkpointing = False
@@ -202,7 +202,8 @@ class DiffusersBackend:
                 f"UNet context width {unet_cfg['cross_attention_dim']} != text width {text.dim}.")
 
         return cls(unet, vae, text, tokenizer, vae_kind=vae_kind, device=device, dtype=dtype, vae_dtype=vae_dtype,
-                   fingerprint=unet_fingerprint(unet_sd), taesd_scale=scale, taesd_shift=shift)
+                   fingerprint=unet_fingerprint(unet_sd), text_fingerprint=text_encoder_fingerprint(text_sd),
+                   taesd_scale=scale, taesd_shift=shift)
 
     # ---------------------------------------------------------------- denoiser
     def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -232,8 +233,12 @@ class DiffusersBackend:
         return self._gradient_checkpointing
 
     def model_fingerprint(self) -> str:
-        """Short stable hash of the UNet weights (see :func:`unet_fingerprint`)."""
+        """Hash of every UNet weight (see :func:`core.fingerprint.unet_fingerprint`)."""
         return self._fingerprint
+
+    def text_encoder_fingerprint(self) -> str:
+        """Hash of every text-encoder weight (see :func:`core.fingerprint.text_encoder_fingerprint`)."""
+        return self._text_fingerprint
 
     # ---------------------------------------------------------------- VAE
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

@@ -210,7 +210,7 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
     photos = faces.paste_back(photo, crops, aligned)
     report = PrivacyReport(
         task=task, preset=options.label, settings=settings_dict(options),
-        model={"unet": keys.metadata.model_fingerprint, "text_encoder": backend_text_fingerprint(backend)},
+        model={"unet": keys.metadata.model_fingerprint, "text_encoder": backend.text_encoder_fingerprint()},
         faces=[FaceEntry(0, detection.box, scores, faces_still_detected(crops, verifiers))],
         outside_faces=outside_face_metrics(photo, photos, faces.source_mask(aligned)),
         seconds=time.monotonic() - started)
@@ -224,12 +224,6 @@ def faces_still_detected(results: torch.Tensor, verifiers: Sequence[Verifier]) -
         if verifier.name == SFaceVerifier.name:
             return verifier.faces_detected(results)
     return [bool(faces.detect_faces(image)) for image in results]
-
-
-def backend_text_fingerprint(backend: DiffusionBackend) -> str:
-    """The text encoder's id for the report, or "unknown" for backends that cannot give one."""
-    get = getattr(backend, "text_encoder_fingerprint", None)
-    return get() if get is not None else "unknown"
 
 
 def recover_face(backend: DiffusionBackend, keys: PrivacyKeys,

@@ -181,6 +181,10 @@ class ToyBackend(nn.Module):
         vec = 0.5 * torch.randn(self.token_dim, generator=gen)
         return vec.to(device=self.device, dtype=self.dtype)
 
+    def text_encoder_fingerprint(self) -> str:
+        """The toy has no text encoder: stage tokens map to conditionings by a fixed rule."""
+        return "toy-text"
+
     def model_fingerprint(self) -> str:
         """SHA-256 (first 16 hex digits) of the denoiser weights, independent of how they were built."""
         h = hashlib.sha256()
