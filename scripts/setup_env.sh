@@ -46,6 +46,10 @@ FRONTEND033="comfyui-frontend-package==1.49.6"
 COMFY033_TARBALL="${DP_COMFYUI033_TARBALL:-$REPO/../shared/comfyui/ComfyUI-0.33.0.tar.gz}"
 COMFY033_DIR="${DP_COMFYUI033_DIR:-$REPO/.cache/ComfyUI-0.33.0}"
 FRONTEND033_DIR="$REPO/.cache/frontend-1.49.6"
+# comfy-cli, for `comfy node validate` in tests/test_packaging.py, lives in a venv of its own (its
+# dependencies are no business of the test venv)
+COMFY_CLI_PIN="comfy-cli==1.23.0"
+COMFY_CLI_VENV="$REPO/.cache/comfy-cli"
 PIP_INSTALL=("$PY" -m pip --disable-pip-version-check --no-input install --progress-bar off)
 
 case "$(uname -m)" in
@@ -135,6 +139,10 @@ EOF
     # to the pinned torch, so it comes without its dependencies
     "${PIP_INSTALL[@]}" -q --no-deps "$TORCHAUDIO_PIN"
     "${PIP_INSTALL[@]}" -q --no-deps --upgrade --target "$FRONTEND033_DIR" "$FRONTEND033"
+    rm -rf "$COMFY_CLI_VENV"
+    "$BASE_PYTHON" -m venv "$COMFY_CLI_VENV"
+    "$COMFY_CLI_VENV/bin/python" -m pip --disable-pip-version-check --no-input install -q --progress-bar off \
+        "$COMFY_CLI_PIN"
     done_step "installed"
 
     # --- 4. ComfyUI bundle ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ export DP_VENV="${DP_VENV:-$REPO/.venv}"
 export DP_COMFYUI_DIR="${DP_COMFYUI_DIR:-$REPO/.cache/ComfyUI}"
 export DP_COMFYUI033_DIR="${DP_COMFYUI033_DIR:-$REPO/.cache/ComfyUI-0.33.0}"
 FRONTEND033_DIR="$REPO/.cache/frontend-1.49.6"
+export DP_COMFY_CLI="${DP_COMFY_CLI:-$REPO/.cache/comfy-cli/bin/comfy}"
 # Tests build their models from seeds; nothing may reach a model hub.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 
