@@ -9,6 +9,7 @@ from .identity_guidance import FaceRecognizerLoader, IdentityEnergyGuidance
 from .keys import LoadPrivacyKeys, SavePrivacyKeys
 from .msi_invert import MSIInvert
 from .privacy_sampler import PrivacySampler, Recover
+from .verifiers import FaceVerifierLoader
 
 NODES = [
     FaceAlign,
@@ -21,6 +22,7 @@ NODES = [
     SavePrivacyKeys,
     LoadPrivacyKeys,
     Recover,
+    FaceVerifierLoader,
 ]
 
 register_folders()

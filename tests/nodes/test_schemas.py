@@ -28,6 +28,7 @@ FROZEN = {
                                                    "allow_plaintext"]),
     "DiffPrivacy_LoadKeys": ("Load Privacy Keys", ["key_file", "passphrase"]),
     "DiffPrivacy_Recover": ("Recover Original", ["model", "vae", "embeds", "key_latent"]),
+    "DiffPrivacy_FaceVerifierLoader": ("Face Verifier Loader", ["verifier_name", "bound", "verifiers"]),
 }
 
 

@@ -30,7 +30,7 @@ def _check_pngs(server, records, count, size):
 def test_node_definitions_served(comfy_server):
     info = comfy_server.get_json("/object_info")
     ours = sorted(k for k in info if k.startswith("DiffPrivacy_"))
-    assert len(ours) == 10
+    assert len(ours) == 11
     assert comfy_server.get_json("/object_info/DiffPrivacy_FaceAlign")["DiffPrivacy_FaceAlign"]["display_name"] == \
         "Face Align"
 

@@ -1,0 +1,87 @@
+"""The identity gate in the nodes, in ComfyUI's executor (in this process): Face Verifier Loader."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+
+pytestmark = pytest.mark.comfyui
+
+KEYS_FOLDER = "diff_privacy_keys"  # the folder_paths name of the key folder (its place may change)
+
+
+def _module(comfy, name: str):
+    """The pack's module ``nodes.<name>`` as ComfyUI imported it."""
+    package = comfy.node_classes["DiffPrivacy_PrivacySampler"].__module__.rsplit(".", 1)[0]
+    return sys.modules[f"{package}.{name}"]
+
+
+def _core(comfy, name: str):
+    """The pack's ``core.<name>`` as ComfyUI imported it (its classes, not the test process's own copies)."""
+    pack = comfy.node_classes["DiffPrivacy_PrivacySampler"].__module__.split(".nodes.", 1)[0]
+    return sys.modules[f"{pack}.core.{name}"]
+
+
+def _run(node_class, **inputs):
+    """One node's ``execute`` as ComfyUI's executor calls it; returns its outputs as a tuple."""
+    with torch.inference_mode():
+        return node_class.execute(**inputs).args
+
+
+def _key_files(comfy) -> set[str]:
+    """Every file in the key folders ComfyUI knows under the name 'diff_privacy_keys'."""
+    found = set()
+    for folder in comfy.folder_paths.get_folder_paths(KEYS_FOLDER):
+        for root, _, files in os.walk(folder):
+            found |= {os.path.join(root, f) for f in files}
+    return found
+
+
+# ------------------------------------------------------------------------------- Face Verifier Loader
+def test_verifier_loader_offers_sface_and_the_recognizer_files(comfy_inprocess, sface_files):
+    info = comfy_inprocess.node_classes["DiffPrivacy_FaceVerifierLoader"].GET_NODE_INFO_V1()
+    name_spec = info["input"]["required"]["verifier_name"][1]
+    assert name_spec["options"][0] == "sface"
+    assert comfy_inprocess.models.facenet_name in name_spec["options"]
+    assert not [o for o in name_spec["options"] if o.endswith(".onnx")]
+    assert info["input"]["required"]["bound"][1]["default"] == pytest.approx(0.363)
+    assert info["input"]["optional"]["verifiers"][0] == "FACE_VERIFIERS"
+    assert info["output"] == ["FACE_VERIFIERS"]
+    recognizers = comfy_inprocess.node_classes["DiffPrivacy_FaceRecognizerLoader"].GET_NODE_INFO_V1()
+    assert not [o for o in recognizers["input"]["required"]["recognizer_name"][1]["options"] if o.endswith(".onnx")]
+
+
+def test_verifier_loaders_chain(comfy_inprocess, sface_files):
+    loader = comfy_inprocess.node_classes["DiffPrivacy_FaceVerifierLoader"]
+    (first,) = _run(loader, verifier_name="sface", bound=0.363)
+    (both,) = _run(loader, verifier_name=comfy_inprocess.models.facenet_name, bound=0.45, verifiers=first)
+    assert isinstance(both, tuple) and both[0] is first[0]
+    assert [(v.name, v.bound) for v in both] == [("sface", pytest.approx(0.363)), ("facenet_vggface2", 0.45)]
+    face = _aligned_astronaut()
+    for verifier in both:  # each scores a batch against a source: finite cosines, one per result
+        sims = verifier.similarities(face, torch.stack([face, face.flip(1)]))
+        assert sims.shape == (2,) and torch.isfinite(sims).all()
+
+
+def _aligned_astronaut() -> torch.Tensor:
+    from skimage import data
+
+    from core import faces
+
+    photo = torch.from_numpy(data.astronaut()).float() / 255.0
+    return faces.align_face(photo, faces.single_face(photo), size=64).crop
+
+
+def test_without_opencv_the_loader_names_the_package(comfy_inprocess, sface_files, monkeypatch):
+    node = comfy_inprocess.node_classes["DiffPrivacy_FaceVerifierLoader"]
+    monkeypatch.setitem(sys.modules, "cv2", None)  # "import cv2" raises ImportError, as without the package
+    message = node.validate_inputs(verifier_name="sface")
+    assert "opencv-python-headless" in message and "Face Verifier Loader" in message
+    assert "sface" not in node.GET_NODE_INFO_V1()["input"]["required"]["verifier_name"][1]["options"]
+    with pytest.raises(Exception) as error:
+        _run(node, verifier_name="sface", bound=0.363)
+    assert type(error.value).__name__ == "VerifierUnavailableError"
+    assert "opencv-python-headless" in str(error.value)
