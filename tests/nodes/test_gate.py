@@ -1,11 +1,15 @@
 """The identity gate in the nodes, in ComfyUI's executor (in this process): Face Verifier Loader."""
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import sys
 
 import pytest
 import torch
+
+from .helpers import astronaut_png, load_api, node_ids, tiny
 
 
 pytestmark = pytest.mark.comfyui
@@ -75,13 +79,48 @@ def _aligned_astronaut() -> torch.Tensor:
     return faces.align_face(photo, faces.single_face(photo), size=64).crop
 
 
+def _graph_with_verifier(comfy, verifier_name: str, bound: float, prefix: str) -> tuple[dict, str]:
+    graph = tiny(load_api("anonymize"), photo=astronaut_png(comfy.input_dir), ckpt=comfy.models.checkpoint_name,
+                 sampler_steps=4, batch_size=2, prefix=prefix)
+    (sampler,) = node_ids(graph, "DiffPrivacy_PrivacySampler")
+    graph["800"] = {"class_type": "DiffPrivacy_FaceVerifierLoader",
+                    "inputs": {"verifier_name": verifier_name, "bound": bound}}
+    graph[sampler]["inputs"]["verifiers"] = ["800", 0]
+    return graph, "800"
+
+
 def test_without_opencv_the_loader_names_the_package(comfy_inprocess, sface_files, monkeypatch):
-    node = comfy_inprocess.node_classes["DiffPrivacy_FaceVerifierLoader"]
+    graph, loader = _graph_with_verifier(comfy_inprocess, "sface", 0.363, "gate_nocv2")
     monkeypatch.setitem(sys.modules, "cv2", None)  # "import cv2" raises ImportError, as without the package
-    message = node.validate_inputs(verifier_name="sface")
+    _, _, outputs, node_errors = asyncio.run(comfy_inprocess.execution.validate_prompt("nocv2", graph, None))
+    assert loader in node_errors  # and the image output behind Privacy Sampler does not run
+    assert not [o for o in outputs if graph[o]["class_type"] in ("SaveImage", "DiffPrivacy_SaveImageClean")]
+    message = json.dumps(node_errors[loader], ensure_ascii=False)
     assert "opencv-python-headless" in message and "Face Verifier Loader" in message
+    node = comfy_inprocess.node_classes["DiffPrivacy_FaceVerifierLoader"]
     assert "sface" not in node.GET_NODE_INFO_V1()["input"]["required"]["verifier_name"][1]["options"]
     with pytest.raises(Exception) as error:
         _run(node, verifier_name="sface", bound=0.363)
     assert type(error.value).__name__ == "VerifierUnavailableError"
     assert "opencv-python-headless" in str(error.value)
+
+
+# --------------------------------------------------------------------------- Privacy Sampler's key-E
+def _fake_embeds(comfy, seed: int, fingerprint: str = "w1:test-model"):
+    KeyMetadata = _core(comfy, "keys").KeyMetadata
+    types = _module(comfy, "types")
+    g = torch.Generator().manual_seed(seed)
+    meta = KeyMetadata(model_fingerprint=fingerprint, ddim_steps=4, schedule="recover", msi_mode="lite",
+                       image_size=(64, 64))
+    return types.PrivacyEmbeds(torch.randn(10, 768, generator=g), torch.randn(10, 77, 768, generator=g), meta)
+
+
+def test_sampler_refuses_embeds_that_did_not_make_its_conditioning(comfy_inprocess):
+    EmbeddingSchedule = _core(comfy_inprocess, "schedules").EmbeddingSchedule
+    scheduler, sampler = _module(comfy_inprocess, "embedding_scheduler"), _module(comfy_inprocess, "privacy_sampler")
+    embeds, other = _fake_embeds(comfy_inprocess, 4), _fake_embeds(comfy_inprocess, 5)
+    null = [[torch.zeros(1, 77, 768), {}]]
+    conditioning = scheduler.scheduled_conditioning(embeds, null, EmbeddingSchedule.preset("anonymize"))
+    sampler.check_embeds_in_conditioning(embeds, conditioning)
+    with pytest.raises(ValueError, match="did not make its 'conditioning'"):
+        sampler.check_embeds_in_conditioning(other, conditioning)
