@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
+from .conftest import ComfyGraphError
 from .helpers import astronaut_png, load_api, node_ids, tiny
+from .test_core_samplers import _decode_and_save, _front
 
 
 pytestmark = pytest.mark.comfyui
@@ -103,6 +105,31 @@ def test_without_opencv_the_loader_names_the_package(comfy_inprocess, sface_file
         _run(node, verifier_name="sface", bound=0.363)
     assert type(error.value).__name__ == "VerifierUnavailableError"
     assert "opencv-python-headless" in str(error.value)
+
+
+# -------------------------------------------------------------------------------------- the GUIDER
+def test_the_guider_fails_closed(comfy_inprocess):
+    """Identity Energy Guidance's GUIDER runs the identity gate after sampling: with a bound of −1 every result
+    still "matches", so SamplerCustomAdvanced fails and nothing downstream runs."""
+    graph, ids = _front(comfy_inprocess)
+    ckpt, guidance = ids["CheckpointLoaderSimple"], ids["DiffPrivacy_IdentityEnergyGuidance"]
+    graph[guidance]["inputs"].update(model=[ckpt, 0], vae=[ckpt, 2],
+                                     conditioning=[ids["DiffPrivacy_EmbeddingScheduler"], 0],
+                                     max_identity_similarity=-1.0)
+    graph["520"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 12}}
+    graph["521"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    graph["522"] = {"class_type": "BasicScheduler", "inputs": {"model": [ckpt, 0], "scheduler": "ddim_uniform",
+                                                               "steps": 6, "denoise": 0.6}}
+    graph["523"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["520", 0], "guider": [guidance, 1], "sampler": ["521", 0], "sigmas": ["522", 0],
+        "latent_image": ["500", 0]}}
+    _decode_and_save(graph, ids, ["523", 0], "gate_guider")
+    with pytest.raises(ComfyGraphError) as info:
+        comfy_inprocess.run(graph)
+    assert info.value.details.get("exception_type", "").endswith("ProtectionFailedError")
+    assert info.value.details.get("node_type") == "SamplerCustomAdvanced"
+    assert "facenet_vggface2, face 0, sample 0" in str(info.value) and "bound -1.000" in str(info.value)
+    assert not [f for f in os.listdir(comfy_inprocess.output_dir) if f.startswith("gate_guider")]
 
 
 # --------------------------------------------------------------------------- Privacy Sampler's key-E
