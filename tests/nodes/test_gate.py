@@ -1,4 +1,5 @@
-"""The identity gate in the nodes, in ComfyUI's executor (in this process): Face Verifier Loader."""
+"""The identity gate in the nodes, in ComfyUI's executor (in this process): Face Verifier Loader, the GUIDER's
+gate, Save Privacy Keys' receipt check and Privacy Sampler's check that its key-E made its conditioning."""
 from __future__ import annotations
 
 import asyncio
@@ -10,9 +11,8 @@ import pytest
 import torch
 
 from .conftest import ComfyGraphError
-from .helpers import astronaut_png, load_api, node_ids, tiny
+from .helpers import TEST_PASSPHRASE, astronaut_png, load_api, node_ids, tiny
 from .test_core_samplers import _decode_and_save, _front
-
 
 pytestmark = pytest.mark.comfyui
 
@@ -132,7 +132,7 @@ def test_the_guider_fails_closed(comfy_inprocess):
     assert not [f for f in os.listdir(comfy_inprocess.output_dir) if f.startswith("gate_guider")]
 
 
-# --------------------------------------------------------------------------- Privacy Sampler's key-E
+# --------------------------------------------------------------------------------- the receipt
 def _fake_embeds(comfy, seed: int, fingerprint: str = "w1:test-model"):
     KeyMetadata = _core(comfy, "keys").KeyMetadata
     types = _module(comfy, "types")
@@ -140,6 +140,37 @@ def _fake_embeds(comfy, seed: int, fingerprint: str = "w1:test-model"):
     meta = KeyMetadata(model_fingerprint=fingerprint, ddim_steps=4, schedule="recover", msi_mode="lite",
                        image_size=(64, 64))
     return types.PrivacyEmbeds(torch.randn(10, 768, generator=g), torch.randn(10, 77, 768, generator=g), meta)
+
+
+def _receipt(comfy, digest: str, fingerprint: str):
+    report = _core(comfy, "report").PrivacyReport(task="anonymize", preset="custom", settings={}, model={}, faces=[], outside_faces=[],
+                           seconds=0.0)
+    return _module(comfy, "types").PrivacyReceipt(digest, fingerprint, report)
+
+
+def test_save_keys_needs_the_receipt_of_its_keys(comfy_inprocess):
+    stage_conds_digest = _core(comfy_inprocess, "keys").stage_conds_digest
+    save = comfy_inprocess.node_classes["DiffPrivacy_SaveKeys"]
+    embeds, other = _fake_embeds(comfy_inprocess, 1), _fake_embeds(comfy_inprocess, 2)
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+    digest = stage_conds_digest(embeds.stage_conds)
+    inputs = dict(embeds=embeds, key_latent=latent, filename_prefix="gate_receipt", passphrase=TEST_PASSPHRASE,
+                  allow_plaintext=False)
+    before = _key_files(comfy_inprocess)
+    refused = {
+        "vouches for no keys": _receipt(comfy_inprocess, "", "w1:test-model"),
+        "for other keys": _receipt(comfy_inprocess, stage_conds_digest(other.stage_conds), "w1:test-model"),
+        "Privacy Sampler ran on model 'w1:another-model'": _receipt(comfy_inprocess, digest, "w1:another-model"),
+    }
+    for expected, receipt in refused.items():
+        with pytest.raises(Exception) as error:
+            _run(save, **inputs, receipt=receipt)
+        assert type(error.value).__name__ == "KeyMismatchError"
+        assert expected in str(error.value) and "Save Privacy Keys" in str(error.value)
+        assert "nothing was saved" in str(error.value)
+    assert _key_files(comfy_inprocess) == before
+    (path,) = _run(save, **inputs, receipt=_receipt(comfy_inprocess, digest, "w1:test-model"))
+    assert _key_files(comfy_inprocess) - before == {path}
 
 
 def test_sampler_refuses_embeds_that_did_not_make_its_conditioning(comfy_inprocess):
@@ -151,3 +182,14 @@ def test_sampler_refuses_embeds_that_did_not_make_its_conditioning(comfy_inproce
     sampler.check_embeds_in_conditioning(embeds, conditioning)
     with pytest.raises(ValueError, match="did not make its 'conditioning'"):
         sampler.check_embeds_in_conditioning(other, conditioning)
+
+
+def test_shipped_workflows_bind_keys_to_the_gate():
+    """MSI Invert's key-E reaches Privacy Sampler, whose receipt reaches Save Privacy Keys."""
+    for name in ("anonymize", "hide"):
+        api = load_api(name)
+        (msi,) = node_ids(api, "DiffPrivacy_MSIInvert")
+        (sampler,) = node_ids(api, "DiffPrivacy_PrivacySampler")
+        (keys,) = node_ids(api, "DiffPrivacy_SaveKeys")
+        assert api[sampler]["inputs"]["embeds"] == api[keys]["inputs"]["embeds"] == [msi, 0]
+        assert api[keys]["inputs"]["receipt"] == [sampler, 2]
