@@ -9,6 +9,7 @@ from .identity_guidance import FaceRecognizerLoader, IdentityEnergyGuidance
 from .keys import LoadPrivacyKeys, SavePrivacyKeys
 from .msi_invert import MSIInvert
 from .privacy_sampler import PrivacySampler, Recover
+from .save_image import SaveProtectedImage
 from .verifiers import FaceVerifierLoader
 
 NODES = [
@@ -23,6 +24,7 @@ NODES = [
     LoadPrivacyKeys,
     Recover,
     FaceVerifierLoader,
+    SaveProtectedImage,
 ]
 
 register_folders()

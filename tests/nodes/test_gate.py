@@ -7,8 +7,10 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from .conftest import ComfyGraphError
 from .helpers import TEST_PASSPHRASE, astronaut_png, load_api, node_ids, tiny
@@ -185,11 +187,29 @@ def test_sampler_refuses_embeds_that_did_not_make_its_conditioning(comfy_inproce
 
 
 def test_shipped_workflows_bind_keys_to_the_gate():
-    """MSI Invert's key-E reaches Privacy Sampler, whose receipt reaches Save Privacy Keys."""
+    """MSI Invert's key-E reaches Privacy Sampler, whose receipt reaches both savers."""
     for name in ("anonymize", "hide"):
         api = load_api(name)
         (msi,) = node_ids(api, "DiffPrivacy_MSIInvert")
         (sampler,) = node_ids(api, "DiffPrivacy_PrivacySampler")
         (keys,) = node_ids(api, "DiffPrivacy_SaveKeys")
+        (images,) = node_ids(api, "DiffPrivacy_SaveImageClean")
         assert api[sampler]["inputs"]["embeds"] == api[keys]["inputs"]["embeds"] == [msi, 0]
-        assert api[keys]["inputs"]["receipt"] == [sampler, 2]
+        assert api[keys]["inputs"]["receipt"] == api[images]["inputs"]["receipt"] == [sampler, 2]
+        assert not node_ids(api, "SaveImage")
+
+
+# ----------------------------------------------------------------------------------- clean outputs
+def test_save_protected_image_counts_like_comfyui_and_writes_only_pixels(comfy_inprocess):
+    save = comfy_inprocess.node_classes["DiffPrivacy_SaveImageClean"]
+    images = torch.rand(2, 24, 32, 3, generator=torch.Generator().manual_seed(6))
+    first = save.execute(images=images, filename_prefix="gate_clean/run").ui.as_dict()["images"]
+    second = save.execute(images=images[:1], filename_prefix="gate_clean/run").ui.as_dict()["images"]
+    assert [r["filename"] for r in first + second] == ["run_00001_.png", "run_00002_.png", "run_00003_.png"]
+    assert {(r["subfolder"], r["type"]) for r in first + second} == {("gate_clean", "output")}
+    folder = comfy_inprocess.output_dir / "gate_clean"
+    assert sorted(os.listdir(folder)) == ["run_00001_.png", "run_00002_.png", "run_00003_.png"]  # no sidecar
+    with Image.open(folder / "run_00002_.png") as png:
+        assert png.info == {} and png.size == (32, 24)
+        pixels = torch.from_numpy(np.array(png.convert("RGB"))).float() / 255.0
+    torch.testing.assert_close(pixels, images[1], atol=0.5 / 255 + 1e-6, rtol=0)

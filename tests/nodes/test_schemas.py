@@ -30,6 +30,7 @@ FROZEN = {
     "DiffPrivacy_LoadKeys": ("Load Privacy Keys", ["key_file", "passphrase"]),
     "DiffPrivacy_Recover": ("Recover Original", ["model", "vae", "embeds", "key_latent"]),
     "DiffPrivacy_FaceVerifierLoader": ("Face Verifier Loader", ["verifier_name", "bound", "verifiers"]),
+    "DiffPrivacy_SaveImageClean": ("Save Protected Image", ["images", "filename_prefix", "receipt"]),
 }
 
 
