@@ -1,5 +1,10 @@
 """The identity gate in the nodes, in ComfyUI's executor (in this process): Face Verifier Loader, the GUIDER's
-gate, Save Privacy Keys' receipt check and Privacy Sampler's check that its key-E made its conditioning."""
+gate, Save Privacy Keys' receipt check, Privacy Sampler's check that its key-E made its conditioning, and Save
+Protected Image's files.
+
+The end-to-end fail-closed runs (a failed gate, Cancel, a missing file, a verifier that still matches, the
+report's fields) go through the real server in test_fail_closed.py.
+"""
 from __future__ import annotations
 
 import asyncio
