@@ -22,7 +22,7 @@ from .comfy.models import (decode_to_images, encode_image, load_models, model_fi
 from .comfy.sampling import run_plan_in_comfy
 from .convert import mask_batch, to_comfy_image, to_model_image
 from .embedding_scheduler import scheduled_conditioning
-from .types import (CATEGORY, GuidanceType, PrivacyEmbedsType, PrivacyReceipt, ReceiptType, VerifiersType)
+from .types import CATEGORY, GuidanceType, PrivacyEmbedsType, PrivacyReceipt, ReceiptType, VerifiersType
 
 #: the widgets' defaults are the official anonymization settings (hide's are in workflows/hide.json)
 ANONYMIZE = sampling.SamplingOptions.preset("anonymize")

@@ -150,8 +150,8 @@ def _fake_embeds(comfy, seed: int, fingerprint: str = "w1:test-model"):
 
 
 def _receipt(comfy, digest: str, fingerprint: str):
-    report = _core(comfy, "report").PrivacyReport(task="anonymize", preset="custom", settings={}, model={}, faces=[], outside_faces=[],
-                           seconds=0.0)
+    report = _core(comfy, "report").PrivacyReport(task="anonymize", preset="custom", settings={}, model={},
+                                                  faces=[], outside_faces=[], seconds=0.0)
     return _module(comfy, "types").PrivacyReceipt(digest, fingerprint, report)
 
 
