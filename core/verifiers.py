@@ -194,8 +194,8 @@ def find_sface_files(folders: Sequence[str | Path]) -> tuple[Path, Path] | None:
     return None
 
 
-def load_sface(folders: Sequence[str | Path], bound: float = SFACE_COSINE_THRESHOLD) -> SFaceVerifier:
-    """The SFace verifier from the first of ``folders`` that holds both ONNX files.
+def require_sface(folders: Sequence[str | Path]) -> tuple[Path, Path]:
+    """(SFace file, YuNet file) that :func:`load_sface` would use, checked without loading them.
 
     Raises:
         VerifierUnavailableError: without ``cv2``. WeightsNotFoundError: naming the folders and the files.
@@ -207,4 +207,23 @@ def load_sface(folders: Sequence[str | Path], bound: float = SFACE_COSINE_THRESH
         raise WeightsNotFoundError(
             f"SFace verifier files not found in {names}: put 'face_recognition_sface_2021dec.onnx' and "
             "'face_detection_yunet_2023mar.onnx' (OpenCV Zoo) there.")
-    return SFaceVerifier(found[0], found[1], bound=bound)
+    return found
+
+
+def sface_available(folders: Sequence[str | Path]) -> bool:
+    """Whether :func:`load_sface` can load from ``folders``: ``cv2`` imports and both files are there."""
+    try:
+        require_sface(folders)
+    except (VerifierUnavailableError, WeightsNotFoundError):
+        return False
+    return True
+
+
+def load_sface(folders: Sequence[str | Path], bound: float = SFACE_COSINE_THRESHOLD) -> SFaceVerifier:
+    """The SFace verifier from the first of ``folders`` that holds both ONNX files.
+
+    Raises:
+        VerifierUnavailableError: without ``cv2``. WeightsNotFoundError: naming the folders and the files.
+    """
+    recognizer_file, detector_file = require_sface(folders)
+    return SFaceVerifier(recognizer_file, detector_file, bound=bound)

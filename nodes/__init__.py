@@ -9,6 +9,8 @@ from .identity_guidance import FaceRecognizerLoader, IdentityEnergyGuidance
 from .keys import LoadPrivacyKeys, SavePrivacyKeys
 from .msi_invert import MSIInvert
 from .privacy_sampler import PrivacySampler, Recover
+from .save_image import SaveProtectedImage
+from .verifiers import FaceVerifierLoader
 
 NODES = [
     FaceAlign,
@@ -21,6 +23,8 @@ NODES = [
     SavePrivacyKeys,
     LoadPrivacyKeys,
     Recover,
+    FaceVerifierLoader,
+    SaveProtectedImage,
 ]
 
 register_folders()

@@ -4,7 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.energies import MODES, TARGETS, IdentityGuidance, StepSizeSchedule
-from ..core.pipeline import GUIDANCE_CROPS, ProtectOptions, face_crop_for
+from ..core.gate import check_identity_gate
+from ..core.pipeline import GUIDANCE_CROPS, ProtectOptions, face_crop_for, score_results
 from ..core.recognizers import load_recognizer, reference_embedding
 from .comfy.folders import KNOWN_RECOGNIZER_FILES, list_recognizer_files, missing_recognizer_message, recognizer_path
 from .comfy.models import to_compute_device
@@ -29,7 +30,20 @@ STEP_SCHEDULE_TOOLTIP = (f"official: {describe_step_sizes(StepSizeSchedule.prese
                          f"constant: ρ=step_scale everywhere.")
 GUIDER_TOOLTIP = (f"For SamplerCustomAdvanced (needs model, vae and conditioning), with the "
                   f"{' or '.join(EXACT_SAMPLERS)} sampler only: its x̂₀ correction reproduces the official "
-                  f"update exactly for their deterministic first-order step, so other samplers are refused.")
+                  f"update exactly for their deterministic first-order step, so other samplers are refused. "
+                  f"After sampling it runs the identity gate with this recognizer (anonymize: bounded by "
+                  f"max_identity_similarity) and fails, returning nothing, unless every result passes.")
+
+
+def guider_gate(spec: GuidanceSpec):
+    """The identity gate of the GUIDER output: ``gate(guidance, z)`` scores the sampled latents z (scaled)
+    with the guiding recognizer through the guidance's own decoder and raises ProtectionFailedError (core/gate.py)
+    unless every score passes. No verifier is configured here, so only the guiding scores exist."""
+
+    def gate(guidance: IdentityGuidance, z) -> None:
+        check_identity_gate(score_results(spec.mode, (spec.recognizer.name, guidance.similarities(z)), None, None,
+                                          (), spec.max_identity_similarity))
+    return gate
 
 
 class FaceRecognizerLoader(io.ComfyNode):
@@ -97,7 +111,8 @@ class IdentityEnergyGuidance(io.ComfyNode):
                 io.Float.Input("max_identity_similarity", default=DEFAULTS.max_identity_similarity, min=-1.0, max=1.0,
                                step=0.01,
                                tooltip="anonymize: fail (no output) if any result's cosine similarity to the "
-                                       "source under this recognizer exceeds this. 1 disables the check."),
+                                       "source under this recognizer exceeds this (Privacy Sampler and the "
+                                       "GUIDER). 1 leaves only the check that every score is a number."),
                 io.Model.Input("model", optional=True, tooltip="Only for the GUIDER output."),
                 io.Vae.Input("vae", optional=True, tooltip="Only for the GUIDER output."),
                 io.Conditioning.Input("conditioning", optional=True,
@@ -128,5 +143,5 @@ class IdentityEnergyGuidance(io.ComfyNode):
         guider = None
         if model is not None and vae is not None and conditioning is not None:
             from .privacy_sampler import bind_guidance
-            guider = PrivacyGuider(model, conditioning, lambda: bind_guidance(spec, vae, model))
+            guider = PrivacyGuider(model, conditioning, lambda: bind_guidance(spec, vae, model), gate=guider_gate(spec))
         return io.NodeOutput(spec, guider)

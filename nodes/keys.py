@@ -8,11 +8,12 @@ import time
 from comfy_api.latest import io, ui
 
 from ..core.autograd import as_normal
+from ..core.errors import KeyMismatchError
 from ..core.keyfile import load_keys, save_keys
-from ..core.keys import PrivacyKeys
+from ..core.keys import PrivacyKeys, stage_conds_digest
 from .comfy.folders import key_file_path, keys_directory, list_key_files, missing_key_file_message
 from .comfy.models import to_comfy_latent, to_scaled_latent
-from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
+from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType, ReceiptType
 
 ENV_PREFIX = "env:"
 DEFAULT_PASSPHRASE_SOURCE = "env:DIFF_PRIVACY_PASSPHRASE"
@@ -33,6 +34,30 @@ def resolve_passphrase(value: str) -> str | None:
                              f"(e.g. export {name}='…') or type the passphrase into the node.")
         return secret
     return value or None
+
+
+def check_receipt(receipt, embeds) -> None:
+    """Refuse to save keys the identity gate did not vouch for: Privacy Sampler's receipt must name these
+    key-E (``stage_conds_digest``) and the model they were made with.
+
+    Raises:
+        KeyMismatchError: saying which input does not match and how to wire the nodes.
+    """
+    if not receipt.keys_digest:
+        raise KeyMismatchError(
+            "Save Privacy Keys: the receipt at its 'receipt' input vouches for no keys, because Privacy Sampler's "
+            "'embeds' input is not connected. Connect MSI Invert's 'embeds' output to Privacy Sampler's 'embeds' "
+            "input as well; nothing was saved.")
+    if receipt.keys_digest != stage_conds_digest(embeds.stage_conds):
+        raise KeyMismatchError(
+            "Save Privacy Keys: the receipt at its 'receipt' input is for other keys than the ones at its 'embeds' "
+            "input. Connect the same MSI Invert 'embeds' output to Privacy Sampler's and Save Privacy Keys' "
+            "'embeds' inputs; nothing was saved.")
+    if receipt.model_fingerprint != embeds.metadata.model_fingerprint:
+        raise KeyMismatchError(
+            f"Save Privacy Keys: the keys at its 'embeds' input were made with model "
+            f"{embeds.metadata.model_fingerprint!r}, but Privacy Sampler ran on model {receipt.model_fingerprint!r}. "
+            f"Use the same checkpoint for MSI Invert and Privacy Sampler; nothing was saved.")
 
 
 def safe_prefix(prefix: str) -> str:
@@ -58,12 +83,16 @@ class SavePrivacyKeys(io.ComfyNode):
                 io.Boolean.Input("allow_plaintext", default=False,
                                  tooltip="Write an UNENCRYPTED key file when the passphrase is empty. Keys are "
                                          "biometric secrets: leave this off."),
+                ReceiptType.Input("receipt",
+                                  tooltip="From Privacy Sampler: it exists only once the identity gate has passed, "
+                                          "so keys are never saved for a failed or cancelled run."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the key file was written.")],
         )
 
     @classmethod
-    def execute(cls, embeds, key_latent, filename_prefix, passphrase, allow_plaintext) -> io.NodeOutput:
+    def execute(cls, embeds, key_latent, filename_prefix, passphrase, allow_plaintext, receipt) -> io.NodeOutput:
+        check_receipt(receipt, embeds)
         secret = resolve_passphrase(passphrase)
         # key-I travels as a LATENT (unscaled, what MSI Invert outputs); the file stores the scaled z_T. Key
         # files belong to SD1.x checkpoints, so without a MODEL input the SD1.x latent format converts it.

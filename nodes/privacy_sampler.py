@@ -1,13 +1,20 @@
-"""Privacy Sampler (guided DDIM from a partially noised face) and Recover (DDIM from key-I with key-E)."""
+"""Privacy Sampler (guided DDIM from a partially noised face, then the identity gate) and Recover (DDIM from
+key-I with key-E)."""
 from __future__ import annotations
 
+import time
+
+import torch
+import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..core import sampling
 from ..core.diffusion import MAX_DDIM_STEPS
 from ..core.energies import BackgroundPaste, IdentityGuidance, mask_to_latent
-from ..core.keys import check_compatible
-from ..core.pipeline import check_protected
+from ..core.gate import check_identity_gate
+from ..core.keys import check_compatible, stage_conds_digest
+from ..core.pipeline import faces_still_detected, score_results
+from ..core.report import FaceEntry, PrivacyReport, draw_preview, outside_face_metrics, settings_dict
 from ..core.schedules import EmbeddingSchedule
 from .comfy.autograd import DifferentiableDecoder
 from .comfy.models import (decode_to_images, encode_image, load_models, model_fingerprint, release_memory,
@@ -15,11 +22,42 @@ from .comfy.models import (decode_to_images, encode_image, load_models, model_fi
 from .comfy.sampling import run_plan_in_comfy
 from .convert import mask_batch, to_comfy_image, to_model_image
 from .embedding_scheduler import scheduled_conditioning
-from .types import CATEGORY, GuidanceType, PrivacyEmbedsType
+from .types import CATEGORY, GuidanceType, PrivacyEmbedsType, PrivacyReceipt, ReceiptType, VerifiersType
 
 #: the widgets' defaults are the official anonymization settings (hide's are in workflows/hide.json)
 ANONYMIZE = sampling.SamplingOptions.preset("anonymize")
 IMAGE = "image at Privacy Sampler's 'image' input"
+#: the report's preset label: the node's widgets are the settings (recorded in full in the report)
+REPORT_PRESET = "custom"
+
+
+def check_embeds_in_conditioning(embeds, conditioning) -> None:
+    """Refuse key-E that did not make ``conditioning``: the receipt would vouch for keys of another run.
+
+    Embedding Scheduler copies stage conditionings of its key-E into the CONDITIONING unchanged, so at least one
+    entry must equal one of ``embeds.stage_conds``.
+
+    Raises:
+        ValueError: naming both inputs and how to connect them.
+    """
+    stages = embeds.stage_conds.detach().float().cpu()
+    for tensor, _ in conditioning:
+        entry = tensor.detach().float().cpu()
+        if entry.dim() == 3 and entry.shape[1:] == stages.shape[1:]:
+            if any(torch.equal(row, stage) for row in entry for stage in stages):
+                return
+    raise ValueError("Privacy Sampler: the key-E at its 'embeds' input did not make its 'conditioning' (no stage "
+                     "conditioning of those embeds is in it). Connect the same MSI Invert 'embeds' output to "
+                     "Embedding Scheduler and to Privacy Sampler's 'embeds' input.")
+
+
+def face_region(background_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The face region [H,W] of an aligned crop (1 where ``background_mask`` < 1, i.e. everything the sampler
+    may change), at the results' size."""
+    mask = mask_batch(background_mask)[:1].float().cpu()
+    if tuple(mask.shape[-2:]) != tuple(size):
+        mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+    return (mask[0, 0] < 1.0).float()
 
 
 def bind_guidance(spec, vae, model) -> IdentityGuidance:
@@ -38,7 +76,10 @@ class PrivacySampler(io.ComfyNode):
             display_name="Privacy Sampler",
             category=CATEGORY,
             description="Diff-Privacy's guided DDIM: noises the face to the strength's timestep and denoises it "
-                        "with the scheduled conditioning and identity guidance at every step.",
+                        "with the scheduled conditioning and identity guidance at every step. Then the identity "
+                        "gate: every result is scored against the source by the guiding recognizer and every "
+                        "verifier; unless all scores are finite and (anonymize) within their bounds, the node "
+                        "fails and outputs nothing — no image, no receipt, so no keys are saved.",
             inputs=[
                 io.Model.Input("model", tooltip="The same SD1.x MODEL used by MSI Invert."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE (encodes the source, decodes results, and "
@@ -61,21 +102,41 @@ class PrivacySampler(io.ComfyNode):
                 io.Latent.Input("latent", optional=True, tooltip="The source as a LATENT instead of an IMAGE."),
                 io.Mask.Input("background_mask", optional=True,
                               tooltip="1 = background to keep from the source (e.g. Face Align's mask)."),
+                VerifiersType.Input("verifiers", optional=True,
+                                    tooltip="Independent recognizers (Face Verifier Loader) that must also find "
+                                            "that no result matches the source, each at its own bound."),
+                PrivacyEmbedsType.Input("embeds", optional=True,
+                                        tooltip="key-E from MSI Invert (the one Embedding Scheduler uses): the "
+                                                "receipt then vouches for these keys, so Save Privacy Keys "
+                                                "accepts it."),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="batch_size protected faces."),
                 io.Latent.Output(display_name="latent"),
+                ReceiptType.Output(display_name="receipt",
+                                   tooltip="Proof that the identity gate passed, for Save Privacy Keys (and the "
+                                           "report sidecar of Save Protected Image)."),
+                io.String.Output(display_name="report", tooltip="The privacy report's summary."),
+                io.Image.Output(display_name="preview",
+                                tooltip="The source face boxed green (gate passed) with its worst scores."),
             ],
         )
 
     @classmethod
     def execute(cls, model, vae, conditioning, guidance, steps, strength, batch_size, seed, paste_below_timestep,
-                image=None, latent=None, background_mask=None) -> io.NodeOutput:
+                image=None, latent=None, background_mask=None, verifiers=None, embeds=None) -> io.NodeOutput:
+        started = time.monotonic()
+        verifiers = tuple(verifiers or ())
+        if embeds is not None:
+            check_embeds_in_conditioning(embeds, conditioning)
         load_models(model)
+        source = None
         if latent is not None:
             z0 = to_scaled_latent(model, latent)[:1]
         elif image is not None:
-            z0 = encode_image(vae, model, to_comfy_image(to_model_image(image[:1], IMAGE)))
+            pixels = to_comfy_image(to_model_image(image[:1], IMAGE))
+            z0 = encode_image(vae, model, pixels)
+            source = pixels[0].float().cpu()
         else:
             raise ValueError("Privacy Sampler needs the source face: connect 'image' (or 'latent').")
         options = sampling.SamplingOptions(steps=steps, strength=strength, batch_size=batch_size, seed=seed)
@@ -87,12 +148,43 @@ class PrivacySampler(io.ComfyNode):
             background = BackgroundPaste(mask, z0, below_timestep=paste_below_timestep)
         z = run_plan_in_comfy(model, conditioning, plan, seed, guidance=bound, background=background,
                               grad_through_unet=guidance.target == "xt")
-        if guidance.mode == "anonymize" and guidance.max_identity_similarity < 1.0:
-            check_protected(bound.similarities(z), guidance.max_identity_similarity)
+        similarities = bound.similarities(z)
         out = to_comfy_latent(model, z)
         images = decode_to_images(vae, out["samples"])
+        if source is None:  # a LATENT source: judge against what it decodes to
+            source = decode_to_images(vae, to_comfy_latent(model, z0)["samples"])[0].float().cpu()
+        results = images.float().cpu()
+        # the gate (core/gate.py): nothing below runs, and nothing is output, unless every score passes
+        scores = check_identity_gate(score_results(guidance.mode, (guidance.recognizer.name, similarities), source,
+                                                   results, verifiers, guidance.max_identity_similarity))
+        height, width = results.shape[1:3]
+        outside = []
+        if background_mask is not None:
+            outside = outside_face_metrics(source, results, face_region(background_mask, (height, width)))
+        fingerprint = model_fingerprint(model)
+        report = PrivacyReport(
+            task=guidance.mode, preset=REPORT_PRESET,
+            settings=report_settings(options, guidance, paste_below_timestep, background_mask is not None, verifiers),
+            model={"unet": fingerprint},
+            faces=[FaceEntry(0, (0.0, 0.0, float(width), float(height)), scores,
+                             faces_still_detected(results, verifiers))],
+            outside_faces=outside, seconds=time.monotonic() - started)
+        receipt = PrivacyReceipt(keys_digest="" if embeds is None else stage_conds_digest(embeds.stage_conds),
+                                 model_fingerprint=fingerprint, report=report)
+        preview = draw_preview(source, report).unsqueeze(0)
         release_memory()
-        return io.NodeOutput(images, out)
+        return io.NodeOutput(images, out, receipt, report.summary(), preview)
+
+
+def report_settings(options, guidance, paste_below_timestep: int, background: bool, verifiers) -> dict:
+    """The run's settings for the privacy report: numbers and names only (JSON-safe)."""
+    return {"sampling": settings_dict(options), "paste_below_timestep": int(paste_below_timestep),
+            "background_kept": bool(background),
+            "guidance": {"mode": guidance.mode, "recognizer": guidance.recognizer.name,
+                         "step_size": settings_dict(guidance.step_size), "diversity_weight": guidance.diversity_weight,
+                         "gradient_target": guidance.target, "max_grad_norm": guidance.max_grad_norm,
+                         "max_identity_similarity": guidance.max_identity_similarity},
+            "verifiers": [{"name": v.name, "bound": float(v.bound)} for v in verifiers]}
 
 
 class Recover(io.ComfyNode):

@@ -6,6 +6,7 @@ internal API, the fix belongs in one of these modules (tested against ComfyUI 0.
 docs/comfyui-internals.md):
 
 * ``folders``  — model and key folders, file lists, missing-file messages;
+* ``outputs``  — the output folder's file names for Save Protected Image (ComfyUI's counter naming);
 * ``models``   — devices, memory, model loading, fingerprints, VAE encode/decode and latent scaling between
   ComfyUI LATENT dicts (unscaled) and scaled SD latents;
 * ``autograd`` — gradient-ready private copies, UNet weight wrappers, UNet gradient checkpointing and the

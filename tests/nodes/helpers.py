@@ -30,6 +30,8 @@ os.environ.setdefault(PASSPHRASE_ENV, TEST_PASSPHRASE)
 VIRTUAL_NODE_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SIZE = 64  # every test runs at 64 px
+#: the image-saving nodes of the shipped workflows: ComfyUI's (recover) and the pack's metadata-free one
+SAVE_IMAGE_TYPES = ("SaveImage", "DiffPrivacy_SaveImageClean")
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -177,15 +179,20 @@ def tiny(graph: dict, *, photo: str, ckpt: str, msi_steps: int = 2, inversion_st
         if batch_size is not None:
             set_inputs(g, "DiffPrivacy_PrivacySampler", batch_size=batch_size)
     if prefix is not None:
-        for node_id in node_ids(g, "SaveImage"):
+        for node_id in save_image_ids(g):
             g[node_id]["inputs"]["filename_prefix"] = prefix
     return g
 
 
+def save_image_ids(graph: dict) -> list[str]:
+    """Ids of the graph's image-saving nodes (:data:`SAVE_IMAGE_TYPES`)."""
+    return [k for k, v in graph.items() if v["class_type"] in SAVE_IMAGE_TYPES]
+
+
 def saved_images(history: dict, graph: dict) -> list[dict]:
-    """Image records written by the graph's SaveImage nodes, in node order."""
+    """Image records written by the graph's image-saving nodes, in node order."""
     out = []
-    for node_id in node_ids(graph, "SaveImage"):
+    for node_id in save_image_ids(graph):
         out += history["outputs"].get(node_id, {}).get("images", [])
     return out
 

@@ -127,7 +127,7 @@ def _tiny_changes(server, photo: str, task: str) -> dict:
                "DiffPrivacy_PrivacySampler": {"steps": 4, "batch_size": 2 if task == "anonymize" else 1,
                                               "seed": 7 if task == "anonymize" else 8},
                "DiffPrivacy_IdentityEnergyGuidance": {"max_identity_similarity": 1.0},
-               "SaveImage": {"filename_prefix": f"browser_{task}"}}
+               "DiffPrivacy_SaveImageClean": {"filename_prefix": f"browser_{task}"}}
     return changes
 
 

@@ -28,13 +28,14 @@ def _outputs_with(comfy, prefix: str) -> list[str]:
 def test_missing_recognizer_weights_name_folder_and_file(comfy_inprocess):
     graph = _protect(comfy_inprocess)
     set_inputs(graph, "DiffPrivacy_FaceRecognizerLoader", recognizer_name="model_ir_se50.pth")
-    # ComfyUI still runs the outputs that validate (Save Privacy Keys here), exactly as POST /prompt does;
-    # the loader's error is reported in node_errors, which the frontend shows on the node
+    # ComfyUI runs only the outputs that validate, exactly as POST /prompt does; both savers depend on the
+    # Privacy Sampler (Save Privacy Keys through its receipt), so nothing runs. The loader's error is reported
+    # in node_errors, which the frontend shows on the node
     valid, _, outputs, node_errors = asyncio.run(comfy_inprocess.execution.validate_prompt("missing", graph, None))
     (loader,) = node_ids(graph, "DiffPrivacy_FaceRecognizerLoader")
     assert loader in node_errors
     message = json.dumps(node_errors[loader], ensure_ascii=False)
-    assert not [o for o in outputs if o in node_ids(graph, "SaveImage")]
+    assert not valid and outputs == []
     assert "face_recognition" in message
     assert "model_ir_se50.pth" in message
     assert "20180402-114759-vggface2.pt" in message  # what to download instead/as well

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import SIZE, astronaut_png, load_api, node_ids, set_inputs, tiny
+from .helpers import SIZE, astronaut_png, load_api, node_ids, save_image_ids, set_inputs, tiny
 
 pytestmark = pytest.mark.comfyui
 
@@ -26,7 +26,7 @@ STEP_SCALE = 100.0  # the widget maximum
 def _with_sampler_preview(graph: dict, prefix: str) -> dict:
     """Add a SaveImage on the Privacy Sampler's aligned faces (before paste-back), drop the other outputs."""
     (sampler,) = node_ids(graph, "DiffPrivacy_PrivacySampler")
-    for node_id in node_ids(graph, "SaveImage") + node_ids(graph, "DiffPrivacy_SaveKeys"):
+    for node_id in save_image_ids(graph) + node_ids(graph, "DiffPrivacy_SaveKeys"):
         del graph[node_id]
     for node_id in node_ids(graph, "DiffPrivacy_FacePasteBack"):
         del graph[node_id]

@@ -28,6 +28,18 @@ def _run(node_class, **inputs):
         return node_class.execute(**inputs).args
 
 
+def receipt_for(bridge, embeds):
+    """A receipt for ``embeds`` as Privacy Sampler makes it after a passed gate (this test runs no sampler:
+    it checks the key path, test_gate.py the gate)."""
+    from core.keys import stage_conds_digest
+    from core.report import PrivacyReport
+
+    types = sys.modules[bridge.__name__.rsplit(".", 1)[0] + ".types"]
+    report = PrivacyReport(task="anonymize", preset="custom", settings={}, model={}, faces=[], outside_faces=[],
+                           seconds=0.0)
+    return types.PrivacyReceipt(stage_conds_digest(embeds.stage_conds), embeds.metadata.model_fingerprint, report)
+
+
 @pytest.fixture(scope="module")
 def recovered(comfy_inprocess, tiny_checkpoint):
     import comfy.sd
@@ -42,7 +54,8 @@ def recovered(comfy_inprocess, tiny_checkpoint):
                               mode="lite", steps=2, learning_rate=5e-3, inversion_steps=INVERSION_STEPS,
                               timesteps_per_step=1, seed=23, official_uint8_quirk=False)
     (path,) = _run(nodes_["DiffPrivacy_SaveKeys"], embeds=embeds, key_latent=key_latent,
-                   filename_prefix="oracle", passphrase=PASSPHRASE, allow_plaintext=False)
+                   filename_prefix="oracle", passphrase=PASSPHRASE, allow_plaintext=False,
+                   receipt=receipt_for(bridge, embeds))
     loaded_embeds, loaded_latent = _run(nodes_["DiffPrivacy_LoadKeys"], key_file=os.path.basename(path),
                                         passphrase=PASSPHRASE)
     (images,) = _run(nodes_["DiffPrivacy_Recover"], model=model, vae=vae, embeds=loaded_embeds,

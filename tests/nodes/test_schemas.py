@@ -22,12 +22,23 @@ FROZEN = {
         "gradient_target", "max_grad_norm", "max_identity_similarity", "model", "vae", "conditioning"]),
     "DiffPrivacy_PrivacySampler": ("Privacy Sampler", ["model", "vae", "conditioning", "guidance", "steps",
                                                        "strength", "batch_size", "seed", "paste_below_timestep",
-                                                       "image", "latent", "background_mask"]),
+                                                       "image", "latent", "background_mask", "verifiers",
+                                                       "embeds"]),
     "DiffPrivacy_FacePasteBack": ("Face Paste Back", ["faces", "alignment", "feather"]),
     "DiffPrivacy_SaveKeys": ("Save Privacy Keys", ["embeds", "key_latent", "filename_prefix", "passphrase",
-                                                   "allow_plaintext"]),
+                                                   "allow_plaintext", "receipt"]),
     "DiffPrivacy_LoadKeys": ("Load Privacy Keys", ["key_file", "passphrase"]),
     "DiffPrivacy_Recover": ("Recover Original", ["model", "vae", "embeds", "key_latent"]),
+    "DiffPrivacy_FaceVerifierLoader": ("Face Verifier Loader", ["verifier_name", "bound", "verifiers"]),
+    "DiffPrivacy_SaveImageClean": ("Save Protected Image", ["images", "filename_prefix", "receipt"]),
+}
+
+
+#: output names, where outputs were appended since the first release (appended only, never reordered)
+FROZEN_OUTPUTS = {
+    "DiffPrivacy_PrivacySampler": ["images", "latent", "receipt", "report", "preview"],
+    "DiffPrivacy_IdentityEnergyGuidance": ["guidance", "guider"],
+    "DiffPrivacy_FaceVerifierLoader": ["verifiers"],
 }
 
 
@@ -47,6 +58,11 @@ def test_frozen_interface(infos, node_id):
     assert info["display_name"] == display_name
     order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
     assert order == inputs
+
+
+@pytest.mark.parametrize("node_id", sorted(FROZEN_OUTPUTS))
+def test_frozen_outputs(infos, node_id):
+    assert infos[node_id]["output_name"] == FROZEN_OUTPUTS[node_id]
 
 
 def test_one_category_and_tooltips_everywhere(infos):

@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import SIZE, astronaut_png, load_api, node_ids, png_info, set_inputs, tiny
+from .helpers import SIZE, astronaut_png, load_api, node_ids, png_info, saved_images, set_inputs, tiny
 
 pytestmark = pytest.mark.comfyui
-
-
-def _images(entry: dict, graph: dict) -> list[dict]:
-    out = []
-    for node_id in node_ids(graph, "SaveImage"):
-        out += entry["outputs"].get(node_id, {}).get("images", [])
-    return out
 
 
 def _check_pngs(server, records, count, size):
@@ -30,7 +23,7 @@ def _check_pngs(server, records, count, size):
 def test_node_definitions_served(comfy_server):
     info = comfy_server.get_json("/object_info")
     ours = sorted(k for k in info if k.startswith("DiffPrivacy_"))
-    assert len(ours) == 10
+    assert len(ours) == 12
     assert comfy_server.get_json("/object_info/DiffPrivacy_FaceAlign")["DiffPrivacy_FaceAlign"]["display_name"] == \
         "Face Align"
 
@@ -43,7 +36,7 @@ def test_workflows_over_http(comfy_server, tmp_path):
                      batch_size=batch, prefix=f"http_{task}")
         set_inputs(graph, "DiffPrivacy_IdentityEnergyGuidance", max_identity_similarity=1.0)
         entry = comfy_server.run(graph, timeout=600)
-        _check_pngs(comfy_server, _images(entry, graph), batch, (512, 512))
+        _check_pngs(comfy_server, saved_images(entry, graph), batch, (512, 512))
         (key_node,) = node_ids(graph, "DiffPrivacy_SaveKeys")
         text = entry["outputs"][key_node]["text"][0]
         assert text.startswith("keys saved: ") and text.endswith(".dpkey")
@@ -53,4 +46,4 @@ def test_workflows_over_http(comfy_server, tmp_path):
     graph = tiny(load_api("recover"), photo=photo, ckpt=comfy_server.models.checkpoint_name, prefix="http_recover")
     set_inputs(graph, "DiffPrivacy_LoadKeys", key_file=key_file)
     entry = comfy_server.run(graph, timeout=300)
-    _check_pngs(comfy_server, _images(entry, graph), 1, (SIZE, SIZE))
+    _check_pngs(comfy_server, saved_images(entry, graph), 1, (SIZE, SIZE))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .helpers import (SIZE, astronaut_png, load_api, node_ids, saved_images, set_inputs, tiny)
+from .helpers import SIZE, astronaut_png, load_api, node_ids, saved_images, set_inputs, tiny
 
 pytestmark = pytest.mark.comfyui
 
@@ -70,6 +70,36 @@ def test_anonymize_outputs_full_photos_and_encrypted_keys(comfy_inprocess, anony
     assert info["kdf"]["name"] == "scrypt"
     (key_node,) = node_ids(graph, "DiffPrivacy_SaveKeys")
     assert key_file in history["outputs"][key_node]["text"][0]
+
+
+def test_saved_pngs_carry_no_metadata_and_a_report_sidecar(comfy_inprocess, anonymize_run):
+    """Save Protected Image writes plain PNGs (no workflow, no prompt, so no source file name) and, from
+    Privacy Sampler's receipt, the privacy report next to each one."""
+    import json
+
+    graph, history, _ = anonymize_run
+    records = saved_images(history, graph)
+    assert len(records) == BATCH
+    for record in records:
+        path = comfy_inprocess.output_path(record)
+        data = path.read_bytes()
+        with Image.open(path) as image:
+            assert image.info == {} and image.text == {}
+        for chunk in (b"tEXt", b"iTXt", b"zTXt", b"eXIf", b"astronaut", b"prompt", b"workflow"):
+            assert chunk not in data, chunk
+        sidecar = path.with_name(path.stem + ".report.json")
+        text = sidecar.read_text(encoding="utf-8")
+        assert "astronaut" not in text
+        report = json.loads(text)
+        assert report["format"] == "diffprivacy-report" and report["task"] == "anonymize" and report["passed"]
+        assert report["model"]["unet"].startswith("w1:")
+        assert report["settings"]["sampling"]["batch_size"] == BATCH
+        (face,) = report["faces"]
+        assert [s["sample"] for s in face["scores"]] == list(range(BATCH))
+        assert {s["recognizer"] for s in face["scores"]} == {"facenet_vggface2"}
+        assert all(s["passed"] and -1 <= s["cosine"] <= 1 for s in face["scores"])
+        assert len(face["face_detected"]) == BATCH and face["box"] == [0, 0, SIZE, SIZE]
+        assert len(report["outside_faces"]) == BATCH  # the shipped graph connects Face Align's background mask
 
 
 def test_hide_outputs_one_photo(comfy_inprocess):
