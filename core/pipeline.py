@@ -112,15 +112,6 @@ def face_crop_for(mode: str, recognizer: FaceRecognizer, source: torch.Tensor) -
     raise ValueError(f"crop mode must be one of {GUIDANCE_CROPS}, got {mode!r}")
 
 
-def check_protected(similarities: torch.Tensor, max_similarity: float, recognizer: str = "recognizer") -> None:
-    """Fail closed on the guiding recognizer's similarities [B] alone (see :func:`core.gate.check_identity_gate`).
-
-    Raises:
-        ProtectionFailedError: a similarity is NaN or above ``max_similarity``.
-    """
-    check_identity_gate(identity_scores(recognizer, similarities, max_similarity))
-
-
 def score_results(task: str, guiding: tuple[str, torch.Tensor], source: torch.Tensor, results: torch.Tensor,
                   verifiers: Sequence[Verifier], max_identity_similarity: float, face: int = 0) -> list[IdentityScore]:
     """Every identity score of one face's results: the guiding recognizer's similarities [B] (already computed

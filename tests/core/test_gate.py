@@ -8,7 +8,7 @@ import torch
 
 from core.errors import ProtectionFailedError
 from core.gate import IdentityScore, check_identity_gate, identity_scores
-from core.pipeline import check_protected, score_results
+from core.pipeline import score_results
 
 
 def test_scores_pass_only_when_finite_and_within_the_bound():
@@ -25,7 +25,7 @@ def test_nan_fails_closed_where_max_would_have_let_it_through():
     sims = torch.tensor([0.1, float("nan"), 0.2])
     assert not bool(sims.max() > 0.5)  # the comparison the old check relied on: NaN compares false
     with pytest.raises(ProtectionFailedError, match=r"(?s)1 of 3.*facenet, face 0, sample 1: cosine not a number"):
-        check_protected(sims, 0.5, "facenet")
+        check_identity_gate(identity_scores("facenet", sims, 0.5))
 
 
 def test_every_failure_is_listed_with_recognizer_face_sample_value_and_bound():
