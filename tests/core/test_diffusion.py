@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from core import diffusion as d
+from tests.support.prerequisites import require_module
 
 
 def test_scaled_linear_betas_and_alpha_bar():
@@ -13,8 +14,12 @@ def test_scaled_linear_betas_and_alpha_bar():
     assert math.isclose(float(betas[0]), 0.00085, rel_tol=1e-12)
     assert math.isclose(float(betas[-1]), 0.012, rel_tol=1e-12)
     a = d.alphas_cumprod()
-    torch.testing.assert_close(a, torch.cumprod(1 - betas, 0))
+    assert a.shape == (1000,) and bool((a[1:] < a[:-1]).all())  # strictly decreasing
     assert math.isclose(d.alpha_bar(0), 1 - 0.00085, rel_tol=1e-12)
+    # published: SD's terminal √ᾱ_T = 0.068265 (Lin et al., "Common Diffusion Noise Schedules and Sample Steps
+    # Are Flawed", Table 1) and k-diffusion's SD 1.x σ range 0.0292 … 14.6146
+    assert round(math.sqrt(d.alpha_bar(999)), 6) == 0.068265
+    assert round(d.sigma_at(0), 4) == 0.0292 and round(d.sigma_at(999), 4) == 14.6146
     # docs/method.md §4.4: √ᾱ₆₀₁ ≈ 0.40, √(1−ᾱ₆₀₁) ≈ 0.92; √ᾱ₈₀₁ ≈ 0.19, √(1−ᾱ₈₀₁) ≈ 0.98
     assert round(math.sqrt(d.alpha_bar(601)), 2) == 0.40 and round(math.sqrt(1 - d.alpha_bar(601)), 2) == 0.92
     assert round(math.sqrt(d.alpha_bar(801)), 2) == 0.19 and round(math.sqrt(1 - d.alpha_bar(801)), 2) == 0.98
@@ -41,6 +46,26 @@ def test_strength_start_matches_official(steps, strength, noise_t, first, count)
     assert start.denoise_timesteps[0] == first and start.denoise_timesteps[-1] == 1
     assert len(start.denoise_timesteps) == count
     assert list(start.denoise_timesteps) == sorted(start.denoise_timesteps, reverse=True)
+
+
+def test_schedule_grid_and_strength_match_diffusers():
+    """An independent implementation: diffusers' DDIMScheduler as SD 1.x ships it (scaled_linear β from 0.00085
+    to 0.012, steps_offset 1) and its img2img pipeline's rule for which timesteps a strength denoises."""
+    diffusers = require_module("diffusers", "a project dependency; run scripts/setup_env.sh")
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False)
+    # diffusers keeps ᾱ in float32
+    torch.testing.assert_close(d.alphas_cumprod(), scheduler.alphas_cumprod.double(), rtol=2e-6, atol=1e-7)
+    for n in (1, 2, 3, 7, 10, 50, 100, 999):
+        scheduler.set_timesteps(n)
+        assert d.ddim_timesteps(n) == scheduler.timesteps.tolist(), n
+    # StableDiffusionImg2ImgPipeline.get_timesteps: init = min(int(N·strength), N), denoise timesteps[N − init:]
+    # (diffusers also *noises* to the first of those; the official LDM code noises one grid step higher)
+    for n, strength in ((50, 0.6), (100, 0.8), (50, 1.0), (10, 0.35), (7, 0.5)):
+        scheduler.set_timesteps(n)
+        init = min(int(n * strength), n)
+        expected = scheduler.timesteps[n - init:].tolist()
+        assert list(d.strength_start(n, strength).denoise_timesteps) == expected, (n, strength)
 
 
 def test_strength_errors():

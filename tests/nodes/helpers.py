@@ -199,3 +199,63 @@ def saved_images(history: dict, graph: dict) -> list[dict]:
 
 def as_uint8(pixels) -> np.ndarray:
     return np.asarray(pixels, dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------ identity judge
+def saved_latent(comfy, history: dict, node_id: str):
+    """The LATENT tensor a SaveLatent node ``node_id`` wrote (ComfyUI's latent scale), as a CPU tensor."""
+    from safetensors.torch import load_file
+
+    (record,) = history["outputs"][node_id]["latents"]
+    return load_file(str(comfy.output_path(record)))["latent_tensor"]
+
+
+def identity_judge(comfy):
+    """ComfyUI latent [B,4,h,w] → cosine similarity [B] to the aligned astronaut, as identity guidance sees it.
+
+    Decodes with ComfyUI's own VAE module loaded from the test checkpoint, *without* the [0, 1] clamp of
+    ``VAE.decode`` (the guidance differentiates the unclamped decode; the tiny checkpoint's random TAESD
+    decodes faces to about [−1.3, −0.6], so clamped images hide most of what the guidance changes), then
+    embeds with the test FaceNet file and its official crop, like the guidance does. The reference is the
+    astronaut's face aligned at SIZE px, the source the shipped graphs guide with.
+    """
+    import comfy.sd as comfy_sd  # (bound under another name: ``comfy`` is this function's argument)
+    import torch
+    from skimage import data
+
+    from core import faces as face_ops
+    from core.recognizers import FaceCrop, load_recognizer, reference_embedding
+
+    models = comfy.models
+    recognizer = load_recognizer(str(models.face_recognition / models.facenet_name), "auto").eval()
+    crop = FaceCrop.official(recognizer)
+    photo = torch.from_numpy(data.astronaut()).float() / 255.0
+    aligned = face_ops.align_face(photo, face_ops.single_face(photo), size=SIZE).crop
+    source = aligned.permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+    with torch.inference_mode():
+        vae = comfy_sd.load_checkpoint_guess_config(str(models.checkpoints / models.checkpoint_name),
+                                                    output_vae=True, output_clip=False, output_model=False)[2]
+        ref = reference_embedding(recognizer, crop, source)
+    decoder = vae.first_stage_model
+
+    def similarities(latent):
+        with torch.inference_mode():
+            dtype = next(decoder.parameters()).dtype
+            images = decoder.decode(latent.to(dtype)).float()
+            f = recognizer(crop(images))
+        return torch.nn.functional.cosine_similarity(f, ref.reshape(1, -1).to(f.dtype), dim=-1)
+
+    return similarities
+
+
+def assert_identity_shift(label: str, unguided, guided, sign: float, *, min_mean: float, max_wrong_way: int) -> None:
+    """Paired per-sample similarities: sign·(guided − unguided) must average ≥ ``min_mean`` with at most
+    ``max_wrong_way`` samples ≤ 0. The measured values are printed and carried in the assertion message."""
+    shift = sign * (guided - unguided)
+    wrong_way = int((shift <= 0).sum())
+    fmt = lambda t: "[" + ", ".join(f"{v:.4f}" for v in t.tolist()) + "]"  # noqa: E731
+    report = (f"{label}: cosine to source unguided {fmt(unguided)}, guided {fmt(guided)}; shift in the "
+              f"expected direction {fmt(shift)}, mean {float(shift.mean()):.4f}, {wrong_way} the wrong way "
+              f"(need mean ≥ {min_mean} and ≤ {max_wrong_way} the wrong way)")
+    print(report)
+    assert float(shift.mean()) >= min_mean and wrong_way <= max_wrong_way, report

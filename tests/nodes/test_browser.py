@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from tests.support.prerequisites import missing
+
 from .helpers import WORKFLOWS_DIR, astronaut_png, load_api, without_meta
 
 pytestmark = pytest.mark.comfyui
@@ -70,7 +72,7 @@ SET_WIDGETS_JS = """(changes) => {
 @pytest.fixture(scope="module")
 def page(comfy_server):
     if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium; scripts/setup_env.sh does this)")
+        missing(f"no chromium at {CHROMIUM} (apt-get install -y chromium; scripts/setup_env.sh does this)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

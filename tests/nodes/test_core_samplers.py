@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import SAVE_IMAGE_TYPES, astronaut_png, load_api, node_ids, tiny
+from .helpers import (SAVE_IMAGE_TYPES, assert_identity_shift, astronaut_png, identity_judge, load_api, node_ids,
+                      saved_latent, tiny)
 
 pytestmark = pytest.mark.comfyui
 
@@ -60,42 +61,46 @@ def test_plain_ksampler_applies_the_schedule(comfy_inprocess):
     assert np.abs(scheduled - null_only).max() > 1e-3
 
 
-def _guider_run(comfy, step_scale: float, prefix: str) -> np.ndarray:
+GUIDER_BATCH = 4  # samples per run (RepeatLatentBatch of the source; RandomNoise differs per sample)
+GUIDER_STEPS = 4  # BasicScheduler steps at denoise 0.6
+GUIDER_STEP_SCALE = 20.0  # calibrated on the random test models, see test_guidance_direction.py
+GUIDER_MIN_MEAN_SHIFT = 0.012  # cosine; measured means 0.025 / 0.027 (2 threads / 1 thread)
+
+
+def _guider_run(comfy, step_scale: float, prefix: str) -> torch.Tensor:
+    """SamplerCustomAdvanced with the pack's GUIDER on GUIDER_BATCH copies of the source; the output LATENT."""
     graph, ids = _front(comfy)
     ckpt, guidance = ids["CheckpointLoaderSimple"], ids["DiffPrivacy_IdentityEnergyGuidance"]
     graph[guidance]["inputs"].update(model=[ckpt, 0], vae=[ckpt, 2],
                                      conditioning=[ids["DiffPrivacy_EmbeddingScheduler"], 0], step_scale=step_scale,
-                                     max_identity_similarity=1.0)
+                                     diversity_weight=0.0, max_identity_similarity=1.0)
+    graph["519"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["500", 0], "amount": GUIDER_BATCH}}
     graph["520"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 11}}
     graph["521"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
     graph["522"] = {"class_type": "BasicScheduler", "inputs": {"model": [ckpt, 0], "scheduler": "ddim_uniform",
-                                                               "steps": 6, "denoise": 0.6}}
+                                                               "steps": GUIDER_STEPS, "denoise": 0.6}}
     graph["523"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
         "noise": ["520", 0], "guider": [guidance, 1], "sampler": ["521", 0], "sigmas": ["522", 0],
-        "latent_image": ["500", 0]}}
-    _decode_and_save(graph, ids, ["523", 0], prefix)
-    return _pixels(comfy, comfy.run(graph))
+        "latent_image": ["519", 0]}}
+    graph["599"] = {"class_type": "SaveLatent", "inputs": {"samples": ["523", 0], "filename_prefix": prefix}}
+    latent = saved_latent(comfy, comfy.run(graph), "599")
+    assert latent.shape == (GUIDER_BATCH, 4, 8, 8)
+    return latent
 
 
 def test_guider_output_drives_sampler_custom_advanced(comfy_inprocess):
     """The GUIDER output works with core SamplerCustomAdvanced, and its guidance changes the result (same
-    noise, step_scale 0 vs 100) in the direction of the energy: lower similarity to the source."""
-    from core.recognizers import FaceCrop, load_recognizer, reference_embedding
+    noise, step_scale 0 vs GUIDER_STEP_SCALE) in the direction of the energy: lower similarity to the source,
+    judged like test_guidance_direction.py (unclamped decode of the LATENT, mean over the batch).
 
+    Measured (4 samples): the similarity drops by 0.020 … 0.030, mean 0.025, with 2 threads and by
+    0.023 … 0.029, mean 0.027, with OMP_NUM_THREADS=1 (single samples move by up to 0.008 between the two,
+    the mean by 0.002). The earlier version compared one PNG per arm (6 steps, step scale 100) with no
+    margin at all (``sims[1] < sims[0]``): 0.400 → 0.363, or 0.369 with one thread.
+    """
     unguided = _guider_run(comfy_inprocess, 0.0, "guider_off")
-    guided = _guider_run(comfy_inprocess, 100.0, "guider_on")
-    assert np.abs(guided - unguided).max() > 1e-3
-
-    models = comfy_inprocess.models
-    recognizer = load_recognizer(str(models.face_recognition / models.facenet_name), "auto")
-    crop = FaceCrop.official(recognizer)
-    with Image.open(comfy_inprocess.input_dir / "astronaut.png") as photo:
-        from core import faces
-        source_photo = torch.from_numpy(np.asarray(photo.convert("RGB"), dtype=np.float32) / 255.0)
-    aligned = faces.align_face(source_photo, faces.single_face(source_photo), size=64).crop
-    to_model = lambda a: torch.as_tensor(a).permute(2, 0, 1).unsqueeze(0) * 2 - 1  # noqa: E731
-    ref = reference_embedding(recognizer, crop, to_model(aligned))
-    with torch.no_grad():
-        sims = [float(torch.nn.functional.cosine_similarity(recognizer(crop(to_model(x))), ref)) for x in
-                (unguided, guided)]
-    assert sims[1] < sims[0], sims
+    guided = _guider_run(comfy_inprocess, GUIDER_STEP_SCALE, "guider_on")
+    assert (guided - unguided).abs().max() > 1e-2
+    judge = identity_judge(comfy_inprocess)
+    assert_identity_shift("guider (anonymize)", judge(unguided), judge(guided), -1.0,
+                          min_mean=GUIDER_MIN_MEAN_SHIFT, max_wrong_way=1)

