@@ -53,7 +53,7 @@ def recovered(comfy_inprocess, tiny_checkpoint):
 def test_keys_store_the_scaled_key_latent(recovered):
     """Save/Load Privacy Keys convert key-I with the bridge's SD1.x latent format: the file holds MSI Invert's
     latent as a scaled z_T, and the key_latent it loads is MSI Invert's again."""
-    from core.keys import load_keys
+    from core.keyfile import load_keys
 
     bridge, model, _, _, path, key_latent, _ = recovered
     keys = load_keys(path, PASSPHRASE)
@@ -62,7 +62,7 @@ def test_keys_store_the_scaled_key_latent(recovered):
 
 
 def test_recover_original_matches_the_core_recovery(recovered):
-    from core.keys import load_keys
+    from core.keyfile import load_keys
     from core.sampling import recover_latent
 
     bridge, model, clip, vae, path, _, images = recovered
