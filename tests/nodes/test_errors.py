@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -70,26 +71,79 @@ def test_faithful_msi_without_clip_vision(comfy_inprocess):
     assert "clip_vision" in message and "Load CLIP Vision" in message and "lite" in message
 
 
-def _write_key_file(folder, passphrase: str) -> str:
-    from core.keyfile import save_keys
+def _key_set(fingerprint: str = "not-this-model", seed: int = 0):
     from core.keys import KeyMetadata, PrivacyKeys
 
-    gen = torch.Generator().manual_seed(0)
-    keys = PrivacyKeys(torch.randn(10, 768, generator=gen), torch.randn(10, 77, 768, generator=gen),
+    gen = torch.Generator().manual_seed(seed)
+    return PrivacyKeys(torch.randn(10, 768, generator=gen), torch.randn(10, 77, 768, generator=gen),
                        torch.randn(1, 4, 8, 8, generator=gen),
-                       KeyMetadata(model_fingerprint="not-this-model", ddim_steps=4, schedule="recover",
+                       KeyMetadata(model_fingerprint=fingerprint, ddim_steps=4, schedule="recover",
                                    msi_mode="lite", image_size=(64, 64)))
-    path = save_keys(os.path.join(folder, "diff_privacy_keys", "err_wrong_pass.dpkey"), keys, passphrase)
+
+
+def _write_key_file(folder, passphrase: str | None, name: str = "err_wrong_pass.dpkey", **options) -> str:
+    from core.keyfile import MIN_SCRYPT_N, save_keys
+
+    path = save_keys(os.path.join(folder, name), _key_set(), passphrase, scrypt_n=MIN_SCRYPT_N, **options)
     return path.name
 
 
+def _recover_graph(comfy, key_file: str, **load_inputs) -> dict:
+    """The recover workflow on ``key_file``; ``load_inputs`` may add widgets the shipped file leaves out."""
+    graph = tiny(load_api("recover"), photo="unused.png", ckpt=comfy.models.checkpoint_name, prefix="err_recover")
+    for node_id in node_ids(graph, "DiffPrivacy_LoadKeys"):
+        graph[node_id]["inputs"].update(key_file=key_file, **load_inputs)
+    return graph
+
+
+def _validation_errors(comfy, graph: dict, class_type: str) -> str:
+    """ComfyUI's validation errors of the ``class_type`` node(s) as text; fails if the prompt would run."""
+    valid, error, outputs, node_errors = asyncio.run(comfy.execution.validate_prompt("check", graph, None))
+    assert not valid and outputs == [], f"the prompt would run outputs {outputs}"
+    assert error["type"] == "prompt_outputs_failed_validation"
+    ids = node_ids(graph, class_type)
+    assert set(ids) & set(node_errors), node_errors
+    return json.dumps([node_errors[i] for i in ids if i in node_errors], ensure_ascii=False)
+
+
+def _keys_module(comfy):
+    """The pack's nodes/keys.py as ComfyUI imported it (its error classes are the ones the nodes raise)."""
+    return sys.modules[comfy.node_classes["DiffPrivacy_LoadKeys"].__module__]
+
+
 def test_recover_with_wrong_passphrase(comfy_inprocess):
-    key_file = _write_key_file(str(comfy_inprocess.output_dir), "the right passphrase")
-    graph = tiny(load_api("recover"), photo="unused.png", ckpt=comfy_inprocess.models.checkpoint_name,
-                 prefix="err_recover")
-    set_inputs(graph, "DiffPrivacy_LoadKeys", key_file=key_file, passphrase="a wrong passphrase")
+    key_file = _write_key_file(comfy_inprocess.models.keys, "the right passphrase")
+    graph = _recover_graph(comfy_inprocess, key_file, passphrase="a wrong passphrase")
     with pytest.raises(ComfyGraphError) as info:
         comfy_inprocess.run(graph)
     assert info.value.details.get("exception_type", "").endswith("WrongPassphraseError")
     assert info.value.details.get("node_type") == "DiffPrivacy_LoadKeys"
     assert _outputs_with(comfy_inprocess, "err_recover") == []
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "symlink"])
+def test_load_refuses_files_outside_the_keys_folder(comfy_inprocess, tmp_path, case):
+    """Only files inside the registered keys folders open: not an absolute path, not a '../' path, not a
+    symbolic link in the folder that points outside. Refused at validation, and by execute itself."""
+    outside = tmp_path / "outside.dpkey"
+    _write_key_file(tmp_path, "the passphrase", name=outside.name)
+    keys_dir = comfy_inprocess.models.keys
+    if case == "absolute":
+        name = str(outside)
+    elif case == "dotdot":
+        name = os.path.relpath(outside, keys_dir)
+        assert name.startswith("..")
+    else:
+        name = "err_link.dpkey"
+        if not (keys_dir / name).is_symlink():
+            (keys_dir / name).symlink_to(outside)
+    message = _validation_errors(comfy_inprocess, _recover_graph(comfy_inprocess, name, passphrase="the passphrase"),
+                                 "DiffPrivacy_LoadKeys")
+    assert "Load Privacy Keys: key_file must be a file in the keys folder" in message
+    assert str(keys_dir) in message
+    keys = _keys_module(comfy_inprocess)
+    load = comfy_inprocess.node_classes["DiffPrivacy_LoadKeys"]
+    with pytest.raises(keys.KeyFileLocationError, match="key_file must be a file in the keys folder"):
+        load.execute(key_file=name, passphrase="the passphrase")
+    if case == "symlink":  # the list the node offers leaves the link out as well
+        assert name not in keys.list_key_files()
