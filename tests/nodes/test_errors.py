@@ -118,7 +118,16 @@ def test_recover_with_wrong_passphrase(comfy_inprocess):
         comfy_inprocess.run(graph)
     assert info.value.details.get("exception_type", "").endswith("WrongPassphraseError")
     assert info.value.details.get("node_type") == "DiffPrivacy_LoadKeys"
+    assert "Load Privacy Keys" in str(info.value) and "invisible" not in str(info.value)
     assert _outputs_with(comfy_inprocess, "err_recover") == []
+
+
+def test_wrong_passphrase_with_surrounding_whitespace_says_so(comfy_inprocess):
+    key_file = _write_key_file(comfy_inprocess.models.keys, "the right passphrase", name="err_ws.dpkey")
+    with pytest.raises(ComfyGraphError) as info:
+        comfy_inprocess.run(_recover_graph(comfy_inprocess, key_file, passphrase="the right passphrase\n"))
+    assert info.value.details.get("exception_type", "").endswith("WrongPassphraseError")
+    assert "ends with U+000A" in str(info.value) and "remove it" in str(info.value)
 
 
 @pytest.mark.parametrize("case", ["absolute", "dotdot", "symlink"])
@@ -147,3 +156,66 @@ def test_load_refuses_files_outside_the_keys_folder(comfy_inprocess, tmp_path, c
         load.execute(key_file=name, passphrase="the passphrase")
     if case == "symlink":  # the list the node offers leaves the link out as well
         assert name not in keys.list_key_files()
+
+
+def test_plaintext_key_files_need_the_opt_in(comfy_inprocess):
+    key_file = _write_key_file(comfy_inprocess.models.keys, None, name="err_plain.dpkey", allow_plaintext=True)
+    for passphrase in ("", "some passphrase"):  # a passphrase does not make a plaintext file acceptable
+        message = _validation_errors(comfy_inprocess, _recover_graph(comfy_inprocess, key_file, passphrase=passphrase),
+                                     "DiffPrivacy_LoadKeys")
+        assert "is not encrypted" in message and "switch on allow_plaintext on the Load Privacy Keys node" in message
+    keys_module = _keys_module(comfy_inprocess)
+    load = comfy_inprocess.node_classes["DiffPrivacy_LoadKeys"]
+    with pytest.raises(keys_module.PlaintextKeyFileError, match="allow_plaintext on the Load Privacy Keys"):
+        load.execute(key_file=key_file, passphrase="some passphrase")  # the widget's default is off
+    comfy_inprocess.validate(_recover_graph(comfy_inprocess, key_file, passphrase="", allow_plaintext=True))
+    embeds, latent = load.execute(key_file=key_file, passphrase="", allow_plaintext=True).args
+    expected = _key_set()
+    assert torch.equal(embeds.stage_conds, expected.stage_conds)
+    assert latent["samples"].shape == (1, 4, 8, 8)
+
+
+def _keys_only_graph(comfy, **save_inputs) -> dict:
+    """The anonymize workflow with Save Privacy Keys as its only output (its SaveImage nodes removed)."""
+    graph = _protect(comfy, prefix="err_keys_only")
+    for node_id in node_ids(graph, "SaveImage"):
+        del graph[node_id]
+    return set_inputs(graph, "DiffPrivacy_SaveKeys", **save_inputs)
+
+
+UNSET_VARIABLE = "DIFF_PRIVACY_TEST_VARIABLE_NEVER_SET"
+
+
+@pytest.mark.parametrize("passphrase, allow_plaintext, expected", [
+    (f"env:{UNSET_VARIABLE}", False, f"environment variable {UNSET_VARIABLE}, which is not set"),
+    (f"env:{UNSET_VARIABLE}", True, f"environment variable {UNSET_VARIABLE}, which is not set"),
+    ("", False, "switch on allow_plaintext on the Save Privacy Keys node"),
+    ("trailing space ", False, "ends with U+0020 SPACE"),
+    ("\u200bzero width", False, "starts with U+200B ZERO WIDTH SPACE"),
+])
+def test_save_refuses_unusable_passphrases_before_anything_runs(comfy_inprocess, passphrase, allow_plaintext,
+                                                                 expected):
+    assert UNSET_VARIABLE not in os.environ
+    graph = _keys_only_graph(comfy_inprocess, passphrase=passphrase, allow_plaintext=allow_plaintext)
+    before = sorted(os.listdir(comfy_inprocess.models.keys))
+    message = _validation_errors(comfy_inprocess, graph, "DiffPrivacy_SaveKeys")
+    assert "Save Privacy Keys" in message and expected in message
+    comfy_inprocess.server.messages.clear()
+    with pytest.raises(ComfyGraphError, match="failed validation"):
+        comfy_inprocess.run(graph)
+    assert not [event for event, _ in comfy_inprocess.server.messages if event.startswith("execut")]
+    assert sorted(os.listdir(comfy_inprocess.models.keys)) == before
+
+
+def test_save_passphrase_errors_at_run_time_name_the_node(comfy_inprocess):
+    """The same checks guard execute (a passphrase from a linked input is only known there)."""
+    keys = _keys_module(comfy_inprocess)
+    with pytest.raises(keys.PassphraseRequiredError, match=f"Save Privacy Keys: passphrase reads the environment "
+                                                           f"variable {UNSET_VARIABLE}"):
+        keys.save_passphrase(f"env:{UNSET_VARIABLE}", allow_plaintext=True)
+    with pytest.raises(keys.PassphraseRequiredError, match="allow_plaintext on the Save Privacy Keys node"):
+        keys.save_passphrase("", allow_plaintext=False)
+    with pytest.raises(keys.PassphraseFormatError, match="invisible character"):
+        keys.save_passphrase("\tpassphrase", allow_plaintext=False)
+    assert keys.save_passphrase("", allow_plaintext=True) is None
+    assert keys.save_passphrase(" inner spaces are fine ".strip(), allow_plaintext=False) == "inner spaces are fine"

@@ -105,3 +105,21 @@ def test_key_files_outside_the_keys_folder_are_refused_over_http(comfy_server, t
     assert "Load Privacy Keys: key_file must be a file in the keys folder" in message
     assert comfy_server.process.poll() is None
     assert comfy_server.get("/system_stats").status_code == 200
+
+
+def test_save_without_its_passphrase_variable_is_refused_over_http(comfy_server, tmp_path):
+    """A prompt whose only output is Save Privacy Keys, reading an environment variable the server does not
+    have, is refused whole (400) before anything runs: no key file appears."""
+    photo = comfy_server.upload_image(tmp_path / astronaut_png(tmp_path), name="astronaut_http.png")["name"]
+    graph = tiny(load_api("anonymize"), photo=photo, ckpt=comfy_server.models.checkpoint_name)
+    for node_id in node_ids(graph, "SaveImage"):
+        del graph[node_id]
+    set_inputs(graph, "DiffPrivacy_SaveKeys", passphrase="env:DIFF_PRIVACY_TEST_VARIABLE_NEVER_SET")
+    before = sorted(os.listdir(comfy_server.models.keys))
+    errors = _rejected(comfy_server, graph, "DiffPrivacy_SaveKeys")
+    assert set(errors) == set(node_ids(graph, "DiffPrivacy_SaveKeys"))  # nothing else is wrong
+    message = str(errors)
+    assert "Save Privacy Keys: passphrase reads the environment variable DIFF_PRIVACY_TEST_VARIABLE_NEVER_SET" \
+        in message
+    assert comfy_server.get_json("/queue") == {"queue_running": [], "queue_pending": []}
+    assert sorted(os.listdir(comfy_server.models.keys)) == before
