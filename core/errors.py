@@ -66,6 +66,11 @@ class KeyFileExistsError(KeyFileError, FileExistsError):
     """A key file of that name exists already; key files are never replaced."""
 
 
+class KeyFileLocationError(KeyFileError, ValueError):
+    """A key file name points outside the folders key files are kept in (an absolute path, a ``..`` or a symbolic
+    link leading out), or the keys folder itself lies where a web server hands files out."""
+
+
 class KeyMismatchError(KeyFileError):
     """The keys were made with another base model or other settings than the ones given now."""
 

@@ -1,39 +1,122 @@
-"""Save Privacy Keys / Load Privacy Keys: key-E + key-I encrypted at rest (scrypt → AES-256-GCM)."""
+"""Save Privacy Keys / Load Privacy Keys: key-E + key-I encrypted at rest (scrypt → AES-256-GCM).
+
+Key files live in the keys folder, ``<ComfyUI models>/diff_privacy_keys`` unless extra_model_paths.yaml maps
+``diff_privacy_keys`` elsewhere: outside every folder ComfyUI serves over HTTP. Save names them
+``<prefix>_<NNNNN>.dpkey`` with the next free counter and never replaces a file; Load opens only files inside
+the keys folders. Both check what they can before anything runs (``validate_inputs``), and every error names the
+node and the widget to change.
+"""
 from __future__ import annotations
 
+import errno
 import os
 import re
-import time
+import unicodedata
+from pathlib import Path
 
 from comfy_api.latest import io, ui
 
 from ..core.autograd import as_normal
-from ..core.errors import KeyMismatchError
-from ..core.keyfile import load_keys, save_keys
+from ..core.errors import (KeyFileError, KeyFileExistsError, KeyFileLocationError, KeyMismatchError,
+                           PassphraseRequiredError, PlaintextKeyFileError, WrongPassphraseError)
+from ..core.keyfile import inspect_key_file, load_keys, save_keys
 from ..core.keys import PrivacyKeys, stage_conds_digest
-from .comfy.folders import key_file_path, keys_directory, list_key_files, missing_key_file_message
+from .comfy.folders import (KEY_FILE_EXTENSION, key_file_path, keys_directory, list_key_files,
+                            served_keys_folder_message)
 from .comfy.models import to_comfy_latent, to_scaled_latent
 from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType, ReceiptType
 
+SAVE_NODE = "Save Privacy Keys"
+LOAD_NODE = "Load Privacy Keys"
 ENV_PREFIX = "env:"
 DEFAULT_PASSPHRASE_SOURCE = "env:DIFF_PRIVACY_PASSPHRASE"
 PASSPHRASE_TOOLTIP = ("Passphrase that encrypts the keys. Prefer 'env:NAME' (read from the environment variable "
                       "NAME of the ComfyUI process): text typed here is stored in the workflow and in the "
                       "metadata of every image SaveImage writes.")
+LOAD_PLAINTEXT_TOOLTIP = ("Also open UNENCRYPTED key files (saved with allow_plaintext). Anyone who can put a file "
+                          "in the keys folder can write one, so they are refused unless this is on; encrypted files "
+                          "are unaffected. Leave it off.")
+#: names tried in a row when another save takes the next counter between the listing and the write
+SAVE_ATTEMPTS = 16
+COUNTER_DIGITS = 5
+#: Unicode categories of characters that cannot be seen at the start or end of a passphrase
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 
 
-def resolve_passphrase(value: str) -> str | None:
-    """'env:NAME' → the variable's value; '' → None; anything else is the passphrase itself."""
+class PassphraseFormatError(KeyFileError, ValueError):
+    """Save Privacy Keys refuses a passphrase that starts or ends with whitespace or an invisible character."""
+
+
+# ------------------------------------------------------------------------------------------ passphrases
+def _env_name(value: str) -> str | None:
+    """NAME of an 'env:NAME' passphrase source, None for a typed passphrase."""
+    return value[len(ENV_PREFIX):].strip() if value.startswith(ENV_PREFIX) else None
+
+
+def _env_problem(node: str, name: str) -> str:
+    if not name:
+        return (f"{node}: passphrase is 'env:' without a variable name; write env:NAME (the environment variable "
+                f"NAME of the ComfyUI process holds the passphrase) or type the passphrase itself.")
+    return (f"{node}: passphrase reads the environment variable {name}, which is not set (or is empty) in the "
+            f"ComfyUI process. Set it before starting ComfyUI (e.g. export {name}='…') or type the passphrase into "
+            f"the node's passphrase widget.")
+
+
+def resolve_passphrase(value: str | None, node: str = LOAD_NODE) -> str | None:
+    """The passphrase a passphrase widget stands for: 'env:NAME' → that environment variable's value, '' → None,
+    anything else → itself (unchanged: whitespace is significant).
+
+    Raises:
+        PassphraseRequiredError: 'env:NAME' and NAME is not set or empty (the message names ``node``).
+    """
     value = value or ""
-    if value.startswith(ENV_PREFIX):
-        name = value[len(ENV_PREFIX):].strip()
-        secret = os.environ.get(name)
+    name = _env_name(value)
+    if name is None:
+        return value or None
+    secret = os.environ.get(name) if name else None
+    if not secret:
+        raise PassphraseRequiredError(_env_problem(node, name))
+    return secret
+
+
+def _describe_char(ch: str) -> str:
+    return f"U+{ord(ch):04X} {unicodedata.name(ch, 'CONTROL CHARACTER')}"
+
+
+def invisible_edge(secret: str) -> str | None:
+    """"starts with U+0020 SPACE" (or "ends with …") when ``secret`` begins or ends with whitespace or an
+    invisible character (control, format such as a zero-width space, separator); else None."""
+    for where, ch in (("starts", secret[:1]), ("ends", secret[-1:])):
+        if ch and (ch.isspace() or unicodedata.category(ch) in _INVISIBLE_CATEGORIES):
+            return f"{where} with {_describe_char(ch)}"
+    return None
+
+
+def _save_passphrase_check(passphrase: str, allow_plaintext: bool) -> tuple[type[KeyFileError], str] | None:
+    """(error class, message) of :func:`save_passphrase_problem`, or None."""
+    passphrase = passphrase or ""
+    name = _env_name(passphrase)
+    if name is not None:
+        secret = os.environ.get(name) if name else None
         if not secret:
-            raise ValueError(f"The passphrase is to be read from the environment variable {name!r}, which is not "
-                             f"set in the ComfyUI process. Set it before starting ComfyUI "
-                             f"(e.g. export {name}='…') or type the passphrase into the node.")
-        return secret
-    return value or None
+            return PassphraseRequiredError, _env_problem(SAVE_NODE, name)
+        source = f"the environment variable {name}"
+    elif not passphrase:
+        if allow_plaintext:
+            return None
+        return PassphraseRequiredError, (
+            f"{SAVE_NODE}: passphrase is empty. Recovery keys are biometric secrets and are saved encrypted: type a "
+            f"passphrase (or env:NAME) into passphrase; to write an unencrypted key file on purpose, switch on "
+            f"allow_plaintext on the {SAVE_NODE} node.")
+    else:
+        secret, source = passphrase, "the passphrase widget"
+    edge = invisible_edge(secret)
+    if edge:
+        return PassphraseFormatError, (
+            f"{SAVE_NODE}: the passphrase in {source} {edge}. That is usually an invisible character copied along "
+            f"with it (a trailing space or newline, e.g. from a file read with $(cat …), or a zero-width space); it "
+            f"would be needed, exactly, to open the key file again, so it is refused. Remove it from {source}.")
+    return None
 
 
 def check_receipt(receipt, embeds) -> None:
@@ -60,9 +143,155 @@ def check_receipt(receipt, embeds) -> None:
             f"Use the same checkpoint for MSI Invert and Privacy Sampler; nothing was saved.")
 
 
+def save_passphrase_problem(passphrase: str, allow_plaintext: bool) -> str | None:
+    """Why Save Privacy Keys cannot encrypt with the passphrase widget's value ``passphrase``, or None.
+
+    Refused: an empty widget without allow_plaintext (with it, the file is written unencrypted on purpose),
+    'env:NAME' with NAME unset or empty (always: a missing variable is a setup mistake, not a request for an
+    unencrypted file), and a passphrase that starts or ends with whitespace or an invisible character.
+    """
+    check = _save_passphrase_check(passphrase, allow_plaintext)
+    return check[1] if check else None
+
+
+def save_passphrase(passphrase: str, allow_plaintext: bool) -> str | None:
+    """The passphrase Save Privacy Keys encrypts with; None (an unencrypted file) only for an empty passphrase
+    widget together with allow_plaintext.
+
+    Raises:
+        PassphraseRequiredError: no usable passphrase (see :func:`save_passphrase_problem`).
+        PassphraseFormatError: the passphrase starts or ends with whitespace or an invisible character.
+    """
+    check = _save_passphrase_check(passphrase, allow_plaintext)
+    if check:
+        error, message = check
+        raise error(message)
+    return resolve_passphrase(passphrase, SAVE_NODE)
+
+
+# ------------------------------------------------------------------------------------------ file names
 def safe_prefix(prefix: str) -> str:
-    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "_", prefix.strip()) or "keys"
-    return prefix.lstrip(".")
+    """``filename_prefix`` as a plain file-name start: runs of anything but letters, digits, '_', '.', '-'
+    become '_', leading dots go (no hidden files, no '..'); 'keys' when nothing is left."""
+    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "_", (prefix or "").strip()).lstrip(".")
+    return prefix or "keys"
+
+
+def key_file_name(prefix: str, counter: int) -> str:
+    """``<prefix>_<NNNNN>.dpkey`` (ComfyUI's image-saver numbering)."""
+    return f"{prefix}_{counter:0{COUNTER_DIGITS}d}{KEY_FILE_EXTENSION}"
+
+
+def next_key_counter(folder: str, prefix: str) -> int:
+    """1 + the highest counter of the ``<prefix>_<NNNNN>.dpkey`` files in ``folder`` (1 when there are none or
+    the folder does not exist yet)."""
+    pattern = re.compile(rf"{re.escape(prefix)}_(\d{{{COUNTER_DIGITS},}}){re.escape(KEY_FILE_EXTENSION)}")
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 1
+    counters = [int(m.group(1)) for m in map(pattern.fullmatch, names) if m]
+    return max(counters, default=0) + 1
+
+
+def write_key_file(keys: PrivacyKeys, filename_prefix: str, secret: str | None, allow_plaintext: bool) -> Path:
+    """Write ``keys`` as a new ``<prefix>_<NNNNN>.dpkey`` in the keys folder with the next free counter.
+
+    The file is created by ``core.keyfile.save_keys``, which never replaces a file; when another save takes the
+    name between the listing and the write (KeyFileExistsError), the next counter is tried, up to
+    :data:`SAVE_ATTEMPTS` names. Returns the path written.
+
+    Raises:
+        KeyFileLocationError: the keys folder lies inside a folder ComfyUI serves over HTTP.
+        KeyFileExistsError: :data:`SAVE_ATTEMPTS` names in a row were taken.
+        PassphraseRequiredError: ``secret`` None without ``allow_plaintext`` (in the node's terms).
+        OSError: the folder or file cannot be written.
+    """
+    refusal = served_keys_folder_message(SAVE_NODE)
+    if refusal:
+        raise KeyFileLocationError(refusal)
+    folder = keys_directory()
+    prefix = safe_prefix(filename_prefix)
+    counter = next_key_counter(folder, prefix)
+    for _ in range(SAVE_ATTEMPTS):
+        try:
+            return save_keys(os.path.join(folder, key_file_name(prefix, counter)), keys, secret,
+                             allow_plaintext=allow_plaintext)
+        except KeyFileExistsError:
+            counter = max(counter + 1, next_key_counter(folder, prefix))
+        except PassphraseRequiredError as exc:
+            raise PassphraseRequiredError(save_passphrase_problem("", allow_plaintext) or str(exc)) from exc
+    raise KeyFileExistsError(errno.EEXIST, f"{SAVE_NODE}: {SAVE_ATTEMPTS} key file names in a row were taken by "
+                                           f"other saves; nothing was written, run the prompt again",
+                             os.path.join(folder, key_file_name(prefix, counter)))
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_problem(key_file, passphrase: str | None, allow_plaintext: bool | None) -> str | None:
+    """What Load Privacy Keys can tell before running: the key file is not a file in the keys folder, it is
+    unencrypted without allow_plaintext, it is damaged (header), or it is encrypted and the passphrase source is
+    missing. None when nothing is wrong (the passphrase itself is only checked when the file is opened).
+    ``passphrase`` or ``allow_plaintext`` None (a linked input, unknown before running) skips its check."""
+    try:
+        path = key_file_path(key_file, LOAD_NODE)
+        encrypted = inspect_key_file(path)["encrypted"]
+    except (KeyFileError, OSError) as exc:
+        return str(exc) if str(exc).startswith(LOAD_NODE) else f"{LOAD_NODE}: {exc}"
+    if not encrypted and allow_plaintext is False:
+        return _plaintext_refusal(key_file)
+    if encrypted and passphrase is not None:
+        try:
+            if resolve_passphrase(passphrase, LOAD_NODE) is None:
+                return _passphrase_missing(key_file)
+        except PassphraseRequiredError as exc:
+            return str(exc)
+    return None
+
+
+def _plaintext_refusal(key_file: str) -> str:
+    return (f"{LOAD_NODE}: {key_file!r} is not encrypted, so anyone who could put a file into the keys folder "
+            f"could have written it; it was refused. Load unencrypted key files only on purpose: switch on "
+            f"allow_plaintext on the {LOAD_NODE} node for files you saved yourself with allow_plaintext.")
+
+
+def _passphrase_missing(key_file: str) -> str:
+    return (f"{LOAD_NODE}: {key_file!r} is encrypted and passphrase is empty: give the passphrase (or env:NAME) the "
+            f"keys were saved with.")
+
+
+def open_key_file(key_file: str, passphrase: str | None, allow_plaintext: bool) -> PrivacyKeys:
+    """Resolve, read and decrypt the key file ``key_file`` as Load Privacy Keys does.
+
+    Raises (each message names Load Privacy Keys and the widget to change):
+        KeyFileLocationError, FileNotFoundError: see ``nodes.comfy.folders.key_file_path``.
+        PassphraseRequiredError: the file is encrypted and there is no passphrase ('env:NAME' unset included).
+        WrongPassphraseError: the passphrase does not open it (with a hint when it has surrounding whitespace).
+        PlaintextKeyFileError: the file is unencrypted and allow_plaintext is off.
+        other core.errors.KeyFileError: damaged, truncated, tampered, foreign or over-costly files.
+    """
+    path = key_file_path(key_file, LOAD_NODE)
+    name = _env_name(passphrase or "")
+    if name is None:
+        secret = passphrase or None
+    else:
+        secret = (os.environ.get(name) if name else None) or None
+    try:
+        return load_keys(path, secret, allow_plaintext=allow_plaintext)
+    except PassphraseRequiredError as exc:
+        message = _env_problem(LOAD_NODE, name) if name is not None else _passphrase_missing(key_file)
+        raise PassphraseRequiredError(message) from exc
+    except PlaintextKeyFileError as exc:
+        raise PlaintextKeyFileError(_plaintext_refusal(key_file)) from exc
+    except WrongPassphraseError as exc:
+        message = f"{LOAD_NODE}: {exc}"
+        edge = invisible_edge(secret or "")
+        if edge:
+            source = f"the environment variable {name}" if name is not None else "the passphrase widget"
+            message += (f" Note: the passphrase in {source} {edge}, probably copied along by mistake; remove it "
+                        f"and try again.")
+        raise WrongPassphraseError(message) from exc
+    except KeyFileError as exc:
+        raise type(exc)(f"{LOAD_NODE}: {exc}") from exc
 
 
 class SavePrivacyKeys(io.ComfyNode):
@@ -72,8 +301,11 @@ class SavePrivacyKeys(io.ComfyNode):
             node_id="DiffPrivacy_SaveKeys",
             display_name="Save Privacy Keys",
             category=CATEGORY,
-            description="Writes key-E and key-I to output/diff_privacy_keys/<prefix>_<time>.dpkey, encrypted "
-                        "with the passphrase. Whoever holds the file and passphrase can restore the face.",
+            description="Writes key-E and key-I, encrypted with the passphrase, to a new file "
+                        "<prefix>_<NNNNN>.dpkey (next free number, never replacing a file) in the keys folder: "
+                        "<ComfyUI models>/diff_privacy_keys, or where extra_model_paths.yaml maps "
+                        "diff_privacy_keys. ComfyUI serves no model folder over HTTP (unlike output/). Whoever "
+                        "holds the file and passphrase can restore the face.",
             is_output_node=True,
             inputs=[
                 PrivacyEmbedsType.Input("embeds", tooltip="key-E from MSI Invert."),
@@ -91,16 +323,25 @@ class SavePrivacyKeys(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, passphrase=None, allow_plaintext=None):
+        """Refuse the prompt before anything runs: a keys folder ComfyUI serves over HTTP, or no usable
+        passphrase (:func:`save_passphrase_problem`). Linked inputs arrive as None (unknown until run time)."""
+        refusal = served_keys_folder_message(SAVE_NODE)
+        if refusal:
+            return refusal
+        if passphrase is None or (allow_plaintext is None and not passphrase):
+            return True
+        return save_passphrase_problem(passphrase, bool(allow_plaintext)) or True
+
+    @classmethod
     def execute(cls, embeds, key_latent, filename_prefix, passphrase, allow_plaintext, receipt) -> io.NodeOutput:
         check_receipt(receipt, embeds)
-        secret = resolve_passphrase(passphrase)
+        secret = save_passphrase(passphrase, allow_plaintext)
         # key-I travels as a LATENT (unscaled, what MSI Invert outputs); the file stores the scaled z_T. Key
         # files belong to SD1.x checkpoints, so without a MODEL input the SD1.x latent format converts it.
         z_T = as_normal(to_scaled_latent(None, key_latent).cpu())
         keys = PrivacyKeys(as_normal(embeds.stage_tokens), as_normal(embeds.stage_conds), z_T, embeds.metadata)
-        name = f"{safe_prefix(filename_prefix)}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid() % 1000:03d}.dpkey"
-        path = save_keys(os.path.join(keys_directory(), name), keys, secret,
-                         allow_plaintext=allow_plaintext)
+        path = write_key_file(keys, filename_prefix, secret, allow_plaintext)
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"keys saved: {path.name}"))
 
 
@@ -111,11 +352,15 @@ class LoadPrivacyKeys(io.ComfyNode):
             node_id="DiffPrivacy_LoadKeys",
             display_name="Load Privacy Keys",
             category=CATEGORY,
-            description="Opens a .dpkey file from output/diff_privacy_keys with its passphrase.",
+            description="Opens a .dpkey file from the keys folder (<ComfyUI models>/diff_privacy_keys, or where "
+                        "extra_model_paths.yaml maps diff_privacy_keys) with its passphrase. Files outside it are "
+                        "refused, and unencrypted files unless allow_plaintext is on.",
             inputs=[
                 io.Combo.Input("key_file", options=list_key_files(),
-                               tooltip="A key file in output/diff_privacy_keys (press R to refresh)."),
+                               tooltip="A key file in the keys folder, models/diff_privacy_keys (press R to "
+                                       "refresh)."),
                 io.String.Input("passphrase", default=DEFAULT_PASSPHRASE_SOURCE, tooltip=PASSPHRASE_TOOLTIP),
+                io.Boolean.Input("allow_plaintext", default=False, optional=True, tooltip=LOAD_PLAINTEXT_TOOLTIP),
             ],
             outputs=[
                 PrivacyEmbedsType.Output(display_name="embeds", tooltip="key-E."),
@@ -124,19 +369,22 @@ class LoadPrivacyKeys(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, key_file):
-        if not os.path.isfile(key_file_path(key_file)):
-            return missing_key_file_message(key_file)
-        return True
+    def validate_inputs(cls, key_file=None, passphrase=None, allow_plaintext=False):
+        """Refuse the prompt before anything runs (:func:`load_problem`). Linked inputs arrive as None."""
+        if key_file is None:
+            return True
+        return load_problem(key_file, passphrase, None if allow_plaintext is None else bool(allow_plaintext)) or True
 
     @classmethod
-    def fingerprint_inputs(cls, key_file, passphrase):
-        path = key_file_path(key_file)
-        return os.path.getmtime(path) if os.path.exists(path) else float("nan")
+    def fingerprint_inputs(cls, key_file, passphrase=None, allow_plaintext=False):
+        try:
+            return os.path.getmtime(key_file_path(key_file, LOAD_NODE))
+        except (KeyFileError, OSError):
+            return float("nan")
 
     @classmethod
-    def execute(cls, key_file, passphrase) -> io.NodeOutput:
-        keys = load_keys(key_file_path(key_file), resolve_passphrase(passphrase))
+    def execute(cls, key_file, passphrase, allow_plaintext=False) -> io.NodeOutput:
+        keys = open_key_file(key_file, passphrase, allow_plaintext)
         embeds = PrivacyEmbeds(keys.stage_tokens, keys.stage_conds, keys.metadata)
         latent = to_comfy_latent(None, keys.z_T)  # SD1.x latent format: see SavePrivacyKeys
         return io.NodeOutput(embeds, latent)

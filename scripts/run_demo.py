@@ -7,7 +7,7 @@
 (``bash scripts/demo.sh`` prepares the environment first, then runs this.) Without real weights it falls back
 to generated random weights — and says so loudly: the pipeline then runs for real, but the pictures are noise.
 Outputs (anonymized photos) land in --out (default ./demo-output); the encrypted keys in
-<out>/comfyui-output/diff_privacy_keys/.
+<out>/diff_privacy_keys/ (the models folder diff_privacy_keys, mapped there by the demo's extra_model_paths.yaml).
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     link_or_copy(REPO, custom / "diff_privacy")
     yaml = comfyui_env.write_extra_model_paths(work / "extra_model_paths.yaml", {
         "checkpoints": work / "models" / "checkpoints", "face_recognition": work / "models" / "face_recognition",
-        "custom_nodes": custom})
+        "custom_nodes": custom, "diff_privacy_keys": out / "diff_privacy_keys"})
     input_dir, output_dir = work / "input", out / "comfyui-output"
     input_dir.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)

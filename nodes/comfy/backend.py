@@ -84,6 +84,7 @@ class ComfyBackend:
 
     def __init__(self, model, clip, vae, *, trainable: bool = False):
         self.trainable = trainable
+        self._given_model = model  # the id of the weights: the grad-ready clone's wrappers change no weight
         self.model = grad_ready_model(model) if trainable else model
         self.clip = clip
         self.vae = vae
@@ -153,4 +154,6 @@ class ComfyBackend:
         return self._text_encoder().token_embedding(word)
 
     def model_fingerprint(self):
-        return model_fingerprint(self.model)
+        # the MODEL as given, not the grad-ready clone: same weights, but the clone's fresh patches_uuid
+        # would miss the fingerprint cache on every MSI run
+        return model_fingerprint(self._given_model)

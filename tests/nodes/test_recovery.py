@@ -89,3 +89,103 @@ def test_recover_original_matches_the_core_recovery(recovered):
     assert float(oracle.std()) > 1e-3  # a picture, not a constant
     # the same math through two paths: measured 4.5e-6 apart on the CPU
     torch.testing.assert_close(images.float().cpu(), oracle.float().cpu(), atol=5e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ effective model
+LAYER = "input_blocks.1.1.proj_in.weight"  # any UNet weight; the tiny UNet has this one
+
+
+def _checkpoint_weights(bridge, model) -> dict:
+    """Copies of the checkpoint's own UNet weights: ``model`` (unpatched) is loaded first, since a patched clone
+    loaded by an earlier test leaves its patched weights in the shared UNet."""
+    bridge.models.load_models(model)
+    return {name: tensor.clone() for name, tensor in model.model.diffusion_model.state_dict().items()}
+
+
+def _lora_clone(model, layer: str = LAYER, scale: float = 1e-2):
+    """A MODEL clone with a small 'diff' patch (what a LoRA adds after its up·down product) on one UNet layer,
+    added with ComfyUI's own ``ModelPatcher.add_patches``; returns (clone, the patch tensor)."""
+    weight = model.model.diffusion_model.state_dict()[layer]
+    delta = scale * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5))
+    patched = model.clone()
+    assert patched.add_patches({"diffusion_model." + layer: ("diff", (delta,))}, 1.0) == ["diffusion_model." + layer]
+    return patched, delta
+
+
+def test_a_lora_patch_changes_the_model_fingerprint(recovered):
+    """model_fingerprint hashes the weights the MODEL runs with: a patch on one layer changes it, an unpatched
+    clone keeps it, and it is core's unet_fingerprint of the patched weights, before and after ComfyUI loads
+    (and so patches) the model."""
+    from core.fingerprint import unet_fingerprint
+
+    bridge, model, *_ = recovered
+    base = bridge.models.model_fingerprint(model)
+    plain = model.clone()
+    patched, delta = _lora_clone(model)
+    unet = model.model.diffusion_model
+    weights = _checkpoint_weights(bridge, model)
+    expected = dict(weights, **{LAYER: weights[LAYER] + delta.to(weights[LAYER].dtype)})
+    assert bridge.models.model_fingerprint(plain) == base == unet_fingerprint(weights)
+    assert bridge.models.model_fingerprint(patched) == unet_fingerprint(expected) != base
+    # compute both again with ComfyUI's patched weights in the shared UNet (its backup holds the originals)
+    bridge.models.load_models(patched)
+    assert torch.equal(unet.state_dict()[LAYER], expected[LAYER])
+    model.model.__dict__.pop(bridge.models.FINGERPRINT_CACHE_ATTRIBUTE)
+    assert bridge.models.model_fingerprint(patched) == unet_fingerprint(unet.state_dict()) == unet_fingerprint(expected)
+    assert bridge.models.model_fingerprint(plain) == base
+    bridge.models.load_models(model)
+    assert torch.equal(unet.state_dict()[LAYER], weights[LAYER])
+
+
+def test_the_fingerprint_is_computed_once_per_model_and_patches(recovered, monkeypatch):
+    bridge, model, *_ = recovered
+    model.model.__dict__.pop(bridge.models.FINGERPRINT_CACHE_ATTRIBUTE, None)
+    calls = []
+    real = bridge.models.unet_fingerprint
+    monkeypatch.setattr(bridge.models, "unet_fingerprint", lambda weights: calls.append(1) or real(weights))
+    patched, _ = _lora_clone(model)
+    for patcher in (model, model.clone(), model, patched, patched.clone(), patched):
+        bridge.models.model_fingerprint(patcher)
+    assert len(calls) == 2  # the base model and the one set of patches; clones share patches_uuid
+
+
+def test_recovery_with_a_patched_model_fails_with_key_mismatch(recovered, comfy_inprocess):
+    """Keys made with the plain checkpoint do not recover on the same checkpoint with a LoRA on one layer."""
+    _, model, _, vae, path, _, _ = recovered
+    embeds, key_latent = _run(comfy_inprocess.node_classes["DiffPrivacy_LoadKeys"], key_file=os.path.basename(path),
+                              passphrase=PASSPHRASE)
+    patched, _ = _lora_clone(model)
+    with pytest.raises(Exception) as info:
+        _run(comfy_inprocess.node_classes["DiffPrivacy_Recover"], model=patched, vae=vae, embeds=embeds,
+             key_latent=key_latent)
+    assert type(info.value).__name__ == "KeyMismatchError"
+    assert embeds.metadata.model_fingerprint in str(info.value)
+
+
+def test_a_real_lora_through_comfyuis_loader_changes_the_fingerprint(recovered):
+    """A kohya-format LoRA on one attention projection, loaded with ComfyUI's own LoRA code: the id is the
+    fingerprint of W + (alpha/rank)·up·down, computed in float64 and rounded to the weight's dtype."""
+    import comfy.lora
+    import comfy.sd
+
+    from core.fingerprint import unet_fingerprint
+
+    bridge, model, *_ = recovered
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    lora_name, model_key = next((name, key) for name, key in sorted(key_map.items())
+                                if name.startswith("lora_unet_") and isinstance(key, str)
+                                and key.endswith("attn2.to_k.weight"))
+    weights = _checkpoint_weights(bridge, model)
+    layer = model_key[len("diffusion_model."):]
+    gen = torch.Generator().manual_seed(9)
+    rank, alpha = 4, 2.0
+    up = 0.05 * torch.randn(weights[layer].shape[0], rank, generator=gen)
+    down = 0.05 * torch.randn(rank, weights[layer].shape[1], generator=gen)
+    lora = {f"{lora_name}.lora_up.weight": up, f"{lora_name}.lora_down.weight": down,
+            f"{lora_name}.alpha": torch.tensor(alpha)}
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    assert list(patched.patches) == [model_key]
+    expected = dict(weights)
+    expected[layer] = (weights[layer].double() + (alpha / rank) * (up.double() @ down.double())).to(weights[layer].dtype)
+    fingerprint = bridge.models.model_fingerprint(patched)
+    assert fingerprint == unet_fingerprint(expected) != bridge.models.model_fingerprint(model)

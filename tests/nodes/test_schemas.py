@@ -27,7 +27,7 @@ FROZEN = {
     "DiffPrivacy_FacePasteBack": ("Face Paste Back", ["faces", "alignment", "feather"]),
     "DiffPrivacy_SaveKeys": ("Save Privacy Keys", ["embeds", "key_latent", "filename_prefix", "passphrase",
                                                    "allow_plaintext", "receipt"]),
-    "DiffPrivacy_LoadKeys": ("Load Privacy Keys", ["key_file", "passphrase"]),
+    "DiffPrivacy_LoadKeys": ("Load Privacy Keys", ["key_file", "passphrase", "allow_plaintext"]),
     "DiffPrivacy_Recover": ("Recover Original", ["model", "vae", "embeds", "key_latent"]),
     "DiffPrivacy_FaceVerifierLoader": ("Face Verifier Loader", ["verifier_name", "bound", "verifiers"]),
     "DiffPrivacy_SaveImageClean": ("Save Protected Image", ["images", "filename_prefix", "receipt"]),

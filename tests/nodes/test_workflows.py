@@ -22,7 +22,7 @@ BATCH = 2
 
 
 def _keys_dir(comfy) -> str:
-    return os.path.join(str(comfy.output_dir), "diff_privacy_keys")
+    return str(comfy.models.keys)  # diff_privacy_keys, mapped by the test's extra_model_paths.yaml
 
 
 def protect_graph(comfy, task: str, prefix: str) -> dict:
