@@ -6,6 +6,7 @@ import torch
 
 from ...core import diffusion
 from ...core.autograd import as_normal, normal_tensors
+from ...core.fingerprint import text_encoder_fingerprint
 from ...core.text_encoder import CLIPTextEncoder, PlaceholderConditioner
 from .autograd import DifferentiableDecoder, grad_ready_model, set_unet_checkpointing
 from .models import encode_image, intermediate_device, load_models, model_fingerprint, torch_device, unet
@@ -100,6 +101,7 @@ class ComfyBackend:
         self._decoder = None
         self._text = None
         self._null = None
+        self._text_fingerprint = None
         self.gradient_checkpointing = False
         self._sigmas = diffusion.sigma_table().to(torch.float32).to(self.device)
 
@@ -157,3 +159,9 @@ class ComfyBackend:
         # the MODEL as given, not the grad-ready clone: same weights, but the clone's fresh patches_uuid
         # would miss the fingerprint cache on every MSI run
         return model_fingerprint(self._given_model)
+
+    def text_encoder_fingerprint(self):
+        """core.fingerprint of the CLIP text encoder's weights as loaded (for the privacy report)."""
+        if self._text_fingerprint is None:
+            self._text_fingerprint = text_encoder_fingerprint(hf_text_model_state(self.clip))
+        return self._text_fingerprint
