@@ -212,7 +212,7 @@ def check_graph(*, size: int, msi_steps: int, inversion_steps: int, sampler_step
     set_inputs("DiffPrivacy_PrivacySampler", steps=sampler_steps, batch_size=batch)
     # random weights: a result may still "match" the source; the fail-closed gate is tested elsewhere
     set_inputs("DiffPrivacy_IdentityEnergyGuidance", max_identity_similarity=1.0)
-    set_inputs("SaveImage", filename_prefix="gpu_check/anonymized")
+    set_inputs("DiffPrivacy_SaveImageClean", filename_prefix="gpu_check/anonymized")
     return graph
 
 

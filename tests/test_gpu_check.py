@@ -27,7 +27,7 @@ def test_check_graph_is_the_shipped_anonymize_workflow_resized():
     graph = gpu_check.check_graph(size=512, msi_steps=20, inversion_steps=10, sampler_steps=10, batch=4,
                                   ckpt="sd15_random_full.safetensors")
     kinds = {node["class_type"] for node in graph.values()}
-    assert {"DiffPrivacy_MSIInvert", "DiffPrivacy_PrivacySampler", "SaveImage"} <= kinds
+    assert {"DiffPrivacy_MSIInvert", "DiffPrivacy_PrivacySampler", "DiffPrivacy_SaveImageClean"} <= kinds
     assert "DiffPrivacy_SaveKeys" not in kinds
     by_kind = {node["class_type"]: node["inputs"] for node in graph.values()}
     assert by_kind["DiffPrivacy_MSIInvert"]["steps"] == 20 and by_kind["DiffPrivacy_MSIInvert"]["mode"] == "lite"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from .conftest import ComfyGraphError
-from .helpers import astronaut_png, coffee_png, load_api, node_ids, set_inputs, tiny
+from .helpers import astronaut_png, coffee_png, load_api, node_ids, save_image_ids, set_inputs, tiny
 
 pytestmark = pytest.mark.comfyui
 
@@ -177,9 +177,9 @@ def test_plaintext_key_files_need_the_opt_in(comfy_inprocess):
 
 
 def _keys_only_graph(comfy, **save_inputs) -> dict:
-    """The anonymize workflow with Save Privacy Keys as its only output (its SaveImage nodes removed)."""
+    """The anonymize workflow with Save Privacy Keys as its only output (its image-saving nodes removed)."""
     graph = _protect(comfy, prefix="err_keys_only")
-    for node_id in node_ids(graph, "SaveImage"):
+    for node_id in save_image_ids(graph):
         del graph[node_id]
     return set_inputs(graph, "DiffPrivacy_SaveKeys", **save_inputs)
 
