@@ -45,7 +45,7 @@ Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
 Progress = Callable[[int, int, dict], None]
 
 
-def _host_sigmas(sigmas) -> list[float]:
+def host_sigmas(sigmas) -> list[float]:
     """σ grid as Python floats (one host copy per run), checked: ≥ 2 entries, descending, positive but the last."""
     values = sigmas.detach().cpu().double().tolist() if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas]
     if len(values) < 2:
@@ -89,7 +89,7 @@ def sample_guided_ddim(
     keys i, t, sigma, x (the new latent), denoised (x̂₀) and energy (scalar tensor or None).
     Returns the σ-space latent at sigmas[-1] (``sigma_to_vp_space(x, sigmas[-1])`` gives the VP latent).
     """
-    sig = _host_sigmas(sigmas)
+    sig = host_sigmas(sigmas)
     n = len(sig) - 1
     ts = [timestep_from_sigma(s) for s in sig[:-1]] if timesteps is None else [int(t) for t in timesteps]
     if len(ts) != n:

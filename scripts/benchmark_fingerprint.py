@@ -18,24 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import comfyui_env  # noqa: E402
 import make_tiny_sd15  # noqa: E402
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmark_nodes import timed  # noqa: E402
 
 
 def load_models_module():
@@ -80,12 +70,13 @@ def bench_comfy(args, models) -> None:
     with torch.inference_mode():
         cold(model)  # warm-up (imports, allocator)
         print(f"tiny checkpoint, {params / 1e6:.1f} M UNet parameters ({model.model_dtype()}):")
-        print(f"  model_fingerprint, computed: {median_time(lambda: cold(model), args.repeats):.3f} s")
-        print(f"  model_fingerprint, cached:   {median_time(lambda: models.model_fingerprint(model), 1000):.2e} s")
+        print(f"  model_fingerprint, computed: {timed(lambda: cold(model), args.repeats, warmup=False):.3f} s")
+        cached = timed(lambda: models.model_fingerprint(model), 1000, warmup=False)
+        print(f"  model_fingerprint, cached:   {cached:.2e} s")
         lora = lora_state_dict(model, rank=8)
         patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
         print(f"  with a rank-8 LoRA on {len(patched.patches)} weights: "
-              f"{median_time(lambda: cold(patched), args.repeats):.3f} s "
+              f"{timed(lambda: cold(patched), args.repeats, warmup=False):.3f} s "
               f"(id differs: {cold(patched) != cold(model)})")
 
 
@@ -112,7 +103,7 @@ def bench_sd15(args, models) -> None:
     for dtype_name in args.sd15_dtypes:
         dtype = getattr(torch, dtype_name)
         weights = {k: torch.randn(s, generator=gen, dtype=torch.float32).to(dtype) for k, s in shapes.items()}
-        seconds = median_time(lambda: unet_fingerprint(weights), args.repeats)
+        seconds = timed(lambda: unet_fingerprint(weights), args.repeats, warmup=False)
         print(f"  unet_fingerprint, {dtype_name} weights ({params * dtype.itemsize / 2**30:.2f} GiB): {seconds:.2f} s")
         if dtype == torch.float32:
             linear = [k for k, s in shapes.items() if len(s) == 2 and (".attn" in k or ".ff." in k)]
@@ -128,7 +119,7 @@ def bench_sd15(args, models) -> None:
 
             for work_dtype in (models.PATCH_DTYPE, torch.float32):
                 print(f"  rank-{rank} LoRA applied to {len(linear)} linear weights ({work_dtype}, CPU): "
-                      f"{median_time(lambda: apply_all(work_dtype), args.repeats):.2f} s")
+                      f"{timed(lambda: apply_all(work_dtype), args.repeats, warmup=False):.2f} s")
         del weights
 
 

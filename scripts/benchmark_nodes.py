@@ -35,8 +35,11 @@ def load_pack():
         "core.recognizers", "core.faces", "core.keys", "core.schedules", "core.energies")}
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (first loads, private decoder copy, allocator)
+def timed(fn, repeats: int, warmup: bool = True) -> float:
+    """Median seconds of ``repeats`` calls of ``fn``, after one untimed warm-up call unless ``warmup`` is off
+    (off when the first call is the thing measured, e.g. before a cache fills)."""
+    if warmup:
+        fn()  # first loads, private decoder copy, allocator
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

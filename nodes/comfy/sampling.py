@@ -92,20 +92,6 @@ def check_exact_sampler(sampler) -> None:
         f"or use the Privacy Sampler node.")
 
 
-def schedule_on_host(sigmas: torch.Tensor) -> list[float]:
-    """A run's σ schedule [n+1] as Python floats (one host copy).
-
-    Raises:
-        ValueError: unless it has ≥ 2 finite entries ≥ 0, strictly descending.
-    """
-    values = [float(s) for s in sigmas.detach().flatten().cpu().double()]
-    if len(values) < 2 or not all(math.isfinite(s) and s >= 0.0 for s in values):
-        raise ValueError(f"the sigmas of a guided run need at least 2 finite values ≥ 0, got {values}")
-    if any(b >= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"the sigmas of a guided run must be strictly descending, got {values}")
-    return values
-
-
 def step_index(schedule: list[float], sigma: float) -> int:
     """The index i of the step that starts at ``sigma``: schedule[i] == σ (to float32 precision), i < n.
 
@@ -189,7 +175,7 @@ class PrivacyGuider(comfy.samplers.CFGGuider):
             raise RuntimeError("ComfyUI did not pass the run's sigmas (transformer_options['sample_sigmas']) to "
                                "Identity Energy Guidance's GUIDER; this ComfyUI version is not supported.")
         if self._schedule[0] is not sigmas:
-            self._schedule = (sigmas, schedule_on_host(sigmas))
+            self._schedule = (sigmas, core_sampling.host_sigmas(sigmas))
         return self._schedule[1]
 
 

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from core import sampling as core_sampling
+
 pytestmark = pytest.mark.comfyui
 
 
@@ -302,12 +304,12 @@ def test_guider_refuses_samplers_it_cannot_serve_exactly(loaded, make):
 def test_guider_schedule_lookup(loaded):
     """The GUIDER reads σ' from the run's schedule by σ's exact index and refuses σ values off the schedule."""
     bridge = loaded[0]
-    schedule = bridge.sampling.schedule_on_host(torch.tensor([14.6, 3.1, 0.7, 0.0]))
+    schedule = core_sampling.host_sigmas(torch.tensor([14.6, 3.1, 0.7, 0.0]))
     assert bridge.sampling.step_index(schedule, float(torch.tensor(3.1))) == 1
     assert bridge.sampling.step_index(schedule, 0.7) == 2
     for off in (2.0, 0.0):  # between two steps; the final σ, where no step starts
         with pytest.raises(ValueError, match="not a step of its schedule"):
             bridge.sampling.step_index(schedule, off)
     with pytest.raises(ValueError, match="strictly descending"):
-        bridge.sampling.schedule_on_host(torch.tensor([3.0, 3.0, 0.0]))
+        core_sampling.host_sigmas(torch.tensor([3.0, 3.0, 0.0]))
     assert bridge.sampling.x0_shift_factor(1.0, 2.0, 0.0) == -1.0  # last step to σ' = 0: x' = x̂₀
