@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..core.schedules import MAX_T, PRESET_SWITCH_TIMESTEPS, EmbeddingSchedule, check_tiling
 from .comfy.sampling import with_timestep_range
+from .schema import schema
 from .types import CATEGORY, PrivacyEmbedsType
 
 #: the core's schedule presets, then "custom" (the switch_timestep widget)
@@ -36,7 +37,7 @@ def scheduled_conditioning(embeds, null_conditioning, schedule: EmbeddingSchedul
 class EmbeddingScheduler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_EmbeddingScheduler",
             display_name="Embedding Scheduler",
             category=CATEGORY,

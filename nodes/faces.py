@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..core import faces as face_ops
 from ..core.pipeline import ProtectOptions
 from .convert import check_size, rgb
+from .schema import schema
 from .types import CATEGORY, AlignmentType
 
 #: the aligned crop's default side: the pipeline's (the paper's 512 px)
@@ -25,7 +26,7 @@ class Alignment:
 class FaceAlign(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_FaceAlign",
             display_name="Face Align",
             category=CATEGORY,
@@ -60,7 +61,7 @@ class FaceAlign(io.ComfyNode):
 class FacePasteBack(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_FacePasteBack",
             display_name="Face Paste Back",
             category=CATEGORY,

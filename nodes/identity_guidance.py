@@ -11,6 +11,7 @@ from .comfy.folders import KNOWN_RECOGNIZER_FILES, list_recognizer_files, missin
 from .comfy.models import to_compute_device
 from .comfy.sampling import EXACT_SAMPLERS, PrivacyGuider
 from .convert import rgb, to_model_image
+from .schema import schema
 from .types import CATEGORY, GuidanceSpec, GuidanceType, RecognizerType
 
 STEP_SCHEDULES = ["official", "constant"]
@@ -49,7 +50,7 @@ def guider_gate(spec: GuidanceSpec):
 class FaceRecognizerLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_FaceRecognizerLoader",
             display_name="Face Recognizer Loader",
             category=CATEGORY,
@@ -80,7 +81,7 @@ class FaceRecognizerLoader(io.ComfyNode):
 class IdentityEnergyGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_IdentityEnergyGuidance",
             display_name="Identity Energy Guidance",
             category=CATEGORY,

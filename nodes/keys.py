@@ -24,6 +24,7 @@ from ..core.keys import PrivacyKeys, stage_conds_digest
 from .comfy.folders import (KEY_FILE_EXTENSION, key_file_path, keys_directory, list_key_files,
                             served_keys_folder_message)
 from .comfy.models import to_comfy_latent, to_scaled_latent
+from .schema import schema
 from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType, ReceiptType
 
 SAVE_NODE = "Save Privacy Keys"
@@ -297,7 +298,7 @@ def open_key_file(key_file: str, passphrase: str | None, allow_plaintext: bool) 
 class SavePrivacyKeys(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_SaveKeys",
             display_name="Save Privacy Keys",
             category=CATEGORY,
@@ -348,7 +349,7 @@ class SavePrivacyKeys(io.ComfyNode):
 class LoadPrivacyKeys(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_LoadKeys",
             display_name="Load Privacy Keys",
             category=CATEGORY,

@@ -12,6 +12,7 @@ from .comfy.backend import ComfyBackend, ComfyVisionEncoder
 from .comfy.models import release_memory, to_comfy_latent
 from .comfy.progress import check_interrupt, progress_bar
 from .convert import to_model_image
+from .schema import schema
 from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
 
 #: the widgets' defaults are the core's: faithful MSI options, the pipeline's inversion steps
@@ -23,7 +24,7 @@ IMAGE = "image at MSI Invert's 'image' input"
 class MSIInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_MSIInvert",
             display_name="MSI Invert",
             category=CATEGORY,

@@ -22,6 +22,7 @@ from .comfy.models import (decode_to_images, encode_image, load_models, model_fi
 from .comfy.sampling import run_plan_in_comfy
 from .convert import mask_batch, to_comfy_image, to_model_image
 from .embedding_scheduler import scheduled_conditioning
+from .schema import schema
 from .types import CATEGORY, GuidanceType, PrivacyEmbedsType, PrivacyReceipt, ReceiptType, VerifiersType
 
 #: the widgets' defaults are the official anonymization settings (hide's are in workflows/hide.json)
@@ -71,7 +72,7 @@ def bind_guidance(spec, vae, model) -> IdentityGuidance:
 class PrivacySampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_PrivacySampler",
             display_name="Privacy Sampler",
             category=CATEGORY,
@@ -190,7 +191,7 @@ def report_settings(options, guidance, paste_below_timestep: int, background: bo
 class Recover(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_Recover",
             display_name="Recover Original",
             category=CATEGORY,

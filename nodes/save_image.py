@@ -9,6 +9,7 @@ from PIL import Image
 
 from .comfy.outputs import output_target
 from .convert import rgb
+from .schema import schema
 from .types import CATEGORY, ReceiptType
 
 IMAGES = "image at Save Protected Image's 'images' input"
@@ -34,7 +35,7 @@ def png_bytes(image) -> bytes:
 class SaveProtectedImage(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_SaveImageClean",
             display_name="Save Protected Image",
             category=CATEGORY,

@@ -10,6 +10,7 @@ from ..core.verifiers import (SFACE_COSINE_THRESHOLD, RecognizerVerifier, SFaceV
                               load_sface, require_sface, sface_available)
 from .comfy.folders import list_recognizer_files, missing_recognizer_message, recognizer_folders, recognizer_path
 from .comfy.models import to_compute_device
+from .schema import schema
 from .types import CATEGORY, VerifiersType
 
 SFACE = SFaceVerifier.name
@@ -33,7 +34,7 @@ class FaceVerifierLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         names = verifier_names()
-        return io.Schema(
+        return schema(
             node_id="DiffPrivacy_FaceVerifierLoader",
             display_name="Face Verifier Loader",
             category=CATEGORY,

@@ -38,27 +38,31 @@ def test_fingerprint_is_backend_independent(loaded):
 
 def test_same_noise_prediction_and_conditioning(loaded):
     _, _, comfy_backend, plain = loaded
+    dev = comfy_backend.device  # CUDA under scripts/gpu_check.sh; the plain backend stays on the CPU
     g = torch.Generator().manual_seed(3)
     tokens = 0.02 * torch.randn(2, 768, generator=g)
     with torch.inference_mode():
-        c_comfy = comfy_backend.encode_stage_tokens(tokens)
+        c_comfy = comfy_backend.encode_stage_tokens(tokens.to(dev)).cpu()
         c_plain = plain.encode_stage_tokens(tokens)
         torch.testing.assert_close(c_comfy, c_plain, atol=2e-3, rtol=2e-3)
-        torch.testing.assert_close(comfy_backend.null_conditioning(), plain.null_conditioning(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(comfy_backend.null_conditioning().cpu(), plain.null_conditioning(),
+                                   atol=2e-3, rtol=2e-3)
         z = torch.randn(2, 4, 8, 8, generator=g)
         t = torch.tensor([650, 120])
-        torch.testing.assert_close(comfy_backend.predict_eps(z, t, c_plain), plain.predict_eps(z, t, c_plain),
-                                   atol=2e-3, rtol=2e-3)
+        eps_comfy = comfy_backend.predict_eps(z.to(dev), t.to(dev), c_plain.to(dev)).float().cpu()
+        torch.testing.assert_close(eps_comfy, plain.predict_eps(z, t, c_plain), atol=2e-3, rtol=2e-3)
 
 
 def test_stage_token_gradient_flows_through_comfy_models(loaded):
     """What MSI Invert needs inside ComfyUI: d ε-loss / d token through CLIP and the UNet under inference mode."""
     _, _, comfy_backend, _ = loaded
+    dev = comfy_backend.device
     with torch.inference_mode():
-        z = torch.randn(1, 4, 8, 8)
+        z = torch.randn(1, 4, 8, 8, device=dev)
     with torch.inference_mode(False):
-        tokens = (0.02 * torch.randn(1, 768)).requires_grad_(True)
-        eps = comfy_backend.predict_eps(z.clone(), torch.tensor([500]), comfy_backend.encode_stage_tokens(tokens))
+        tokens = (0.02 * torch.randn(1, 768, device=dev)).requires_grad_(True)
+        eps = comfy_backend.predict_eps(z.clone(), torch.tensor([500], device=dev),
+                                        comfy_backend.encode_stage_tokens(tokens))
         (grad,) = torch.autograd.grad(eps.square().mean(), tokens)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
@@ -79,17 +83,17 @@ def test_interrupt_stops_msi_and_sampling(loaded):
         if step == 2:
             mm.interrupt_current_processing(True)
 
-    image = torch.zeros(1, 3, 64, 64)
+    image = torch.zeros(1, 3, 64, 64, device=comfy_backend.device)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             msi.train_msi(comfy_backend, image, MSIOptions.preset("lite", steps=20), progress=progress,
                           cancel=bridge.progress.check_interrupt)
         assert seen == [1, 2]  # stopped at the first check after the flag was set
         with torch.inference_mode():
-            z0 = torch.zeros(1, 4, 8, 8)
+            z0 = torch.zeros(1, 4, 8, 8, device=comfy_backend.device)
             from core import sampling
             plan = sampling.protection_plan(z0, sampling.SamplingOptions(10, 0.6, 1, 0))
-            conditioning = [[torch.zeros(1, 77, 768), {}]]
+            conditioning = [[torch.zeros(1, 77, 768, device=comfy_backend.device), {}]]
             mm.interrupt_current_processing(True)
             with pytest.raises(mm.InterruptProcessingException):
                 bridge.sampling.run_plan_in_comfy(model, conditioning, plan, 0)
@@ -168,13 +172,15 @@ def test_gradient_checkpointing_keeps_the_gradient_and_is_removed(loaded):
     """MSI's UNet checkpointing on ComfyUI's model: same gradient, and the shared modules are restored."""
     _, model, comfy_backend, _ = loaded
     unet = model.model.diffusion_model
+    dev = comfy_backend.device
     with torch.inference_mode():
-        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)).to(dev)
 
     def grad():
         with torch.inference_mode(False):
-            tokens = (0.02 * torch.ones(1, 768)).requires_grad_(True)
-            eps = comfy_backend.predict_eps(z.clone(), torch.tensor([300]), comfy_backend.encode_stage_tokens(tokens))
+            tokens = (0.02 * torch.ones(1, 768, device=dev)).requires_grad_(True)
+            eps = comfy_backend.predict_eps(z.clone(), torch.tensor([300], device=dev),
+                                            comfy_backend.encode_stage_tokens(tokens))
             return torch.autograd.grad(eps.square().mean(), tokens)[0]
 
     plain = grad()

@@ -78,3 +78,22 @@ def test_one_category_and_tooltips_everywhere(infos):
 def test_passphrase_defaults_read_the_environment(infos):
     for node_id in ("DiffPrivacy_SaveKeys", "DiffPrivacy_LoadKeys"):
         assert infos[node_id]["input"]["required"]["passphrase"][1]["default"] == "env:DIFF_PRIVACY_PASSPHRASE"
+
+
+def test_search_aliases_where_comfyui_lists_them(comfy_inprocess, infos):
+    """ComfyUI versions whose io.Schema has search_aliases show every node under the privacy words people type;
+    older ones (0.3.75) get schemas without the field instead of a TypeError at start-up."""
+    import dataclasses
+    from comfy_api.latest import io
+
+    has_field = any(f.name == "search_aliases" for f in dataclasses.fields(io.Schema))
+    for node_id, info in infos.items():
+        aliases = info.get("search_aliases")
+        if has_field:
+            assert aliases and "face privacy" in aliases, node_id
+            assert len(aliases) == len(set(aliases)), node_id
+        else:
+            assert not aliases, node_id
+    if has_field:
+        for node_id in ("DiffPrivacy_PrivacySampler", "DiffPrivacy_IdentityEnergyGuidance"):
+            assert {"anonymize", "de-identify"} <= set(infos[node_id]["search_aliases"])

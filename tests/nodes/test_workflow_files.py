@@ -29,6 +29,11 @@ def test_ui_and_api_describe_the_same_graph(object_info, name):
     assert without_meta(ui_to_api(load_workflow(name), object_info)) == without_meta(load_api(name))
 
 
+#: loader nodes whose first widget names a model file
+MODEL_LOADERS = {"CheckpointLoaderSimple", "CLIPVisionLoader", "DiffPrivacy_FaceRecognizerLoader",
+                 "DiffPrivacy_FaceVerifierLoader"}
+
+
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_ui_structure(name):
     wf = load_workflow(name)
@@ -50,6 +55,14 @@ def test_ui_structure(name):
     assert all(m["url"].startswith("https://") and m["name"] for m in wf["models"])
     if name != "recover":
         assert by_dir["face_recognition"]["name"] == "20180402-114759-vggface2.pt"
+    # The frontend's missing-models dialog reads each loader's properties.models: every file a loader names is
+    # listed there (name, folder, source page) exactly as in the workflow's top-level models list.
+    by_name = {m["name"]: m for m in wf["models"]}
+    loaders = [n for n in wf["nodes"] if n["type"] in MODEL_LOADERS]
+    assert loaders
+    for node in loaders:
+        listed = node["properties"].get("models")
+        assert listed == [by_name[node["widgets_values"][0]]], (node["type"], listed)
 
 
 @pytest.mark.parametrize("name, values", [
