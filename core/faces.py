@@ -28,8 +28,11 @@ MAX_LONG_SIDE = 8192
 MIN_FACE_PROBABILITY = 0.9
 #: Width of the paste-back mask's soft edge, as a fraction of the face size (Face Paste Back's feather).
 PASTE_FEATHER = 0.1
-#: A second face counts as a competing subject when its box area is at least this fraction of the largest.
+#: A second face counts as a competing subject when its box area is at least this fraction of the largest
+#: (only :func:`single_face`, for the one-face guidance crop; protection itself handles every face).
 SECONDARY_FACE_RATIO = 0.25
+#: Longer side above which detection runs on a downscaled copy (boxes are mapped back to full resolution).
+DETECT_MAX_SIDE = 2048
 #: Tolerance for float images that overshoot [0, 1] by rounding.
 _RANGE_TOLERANCE = 1e-3
 
@@ -166,24 +169,59 @@ def to_uint8_array(image: torch.Tensor) -> np.ndarray:
 
 
 def detect_faces(image, min_prob: float = MIN_FACE_PROBABILITY, *,
-                 device: torch.device | str = "cpu") -> list[FaceDetection]:
+                 device: torch.device | str = "cpu", max_side: int = DETECT_MAX_SIDE) -> list[FaceDetection]:
     """All faces with probability ≥ ``min_prob``, largest box first.
 
     image: float tensor/array [H,W,3] in [0,1] or uint8 HWC RGB (anything ``ensure_rgb`` accepts).
+    Photos whose longer side exceeds ``max_side`` are searched on a copy downscaled (antialiased) to that side
+    and the boxes and landmarks are mapped back to the photo's own pixels, so a 6000 px photo is never refused;
+    the smallest face found is then MTCNN's 20 px times the downscale factor.
     """
-    rgb = to_uint8_array(ensure_rgb(image))
-    boxes, probs, points = get_mtcnn(device).detect(rgb, landmarks=True)
+    rgb = ensure_rgb(image)
+    height, width = int(rgb.shape[0]), int(rgb.shape[1])
+    scale = 1.0
+    if max(height, width) > max_side:
+        scale = max(height, width) / max_side
+        size = (max(1, round(height / scale)), max(1, round(width / scale)))
+        rgb = F.interpolate(rgb.permute(2, 0, 1).unsqueeze(0), size=size, mode="bilinear", align_corners=False,
+                            antialias=True)[0].permute(1, 2, 0)
+        scale_y, scale_x = height / size[0], width / size[1]
+    else:
+        scale_y = scale_x = 1.0
+    boxes, probs, points = get_mtcnn(device).detect(to_uint8_array(rgb), landmarks=True)
     if boxes is None:
         return []
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    factor = np.array([scale_x, scale_y], dtype=np.float64)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2) * factor
     probs = np.asarray(probs, dtype=np.float64).reshape(-1)
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 5, 2)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 5, 2) * factor
     faces = [
-        FaceDetection(box=tuple(float(v) for v in box), landmarks=lm.copy(), prob=float(p))
+        FaceDetection(box=tuple(float(v) for v in box.reshape(4)), landmarks=lm.copy(), prob=float(p))
         for box, p, lm in zip(boxes, probs, points)
         if p >= min_prob
     ]
     return sorted(faces, key=lambda face: face.area, reverse=True)
+
+
+def reading_order(detections: list[FaceDetection]) -> list[FaceDetection]:
+    """Faces in reading order: rows from top to bottom, left to right within a row.
+
+    A face joins the current row when its box centre lies less than half the row's median face height below
+    the row's first centre; this keeps a row of heads at slightly different heights together. Face numbers
+    shown to people (1, 2, …) are positions in this order.
+    """
+    by_top = sorted(detections, key=lambda f: (f.box[1] + f.box[3]) / 2)
+    rows: list[list[FaceDetection]] = []
+    for face in by_top:
+        centre = (face.box[1] + face.box[3]) / 2
+        if rows:
+            row = rows[-1]
+            first = (row[0].box[1] + row[0].box[3]) / 2
+            if centre - first < 0.5 * float(np.median([f.height for f in row])):
+                row.append(face)
+                continue
+        rows.append([face])
+    return [face for row in rows for face in sorted(row, key=lambda f: (f.box[0] + f.box[2]) / 2)]
 
 
 def single_face(
@@ -415,29 +453,97 @@ def paste_back(
     ``shape``) are exactly the original; inside, out = (1−m)·original + m·warped crop.
     """
     base = ensure_rgb(original)
-    if tuple(base.shape[:2]) != tuple(aligned.source_size):
-        raise InvalidImageError(
-            f"The photo is {base.shape[1]}×{base.shape[0]} px but the face was aligned on a "
-            f"{aligned.source_size[1]}×{aligned.source_size[0]} px photo."
-        )
     batched = processed_crop.ndim == 4
     crops = processed_crop if batched else processed_crop.unsqueeze(0)
-    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.shape[1] != crops.shape[2]:
-        raise InvalidImageError(f"Expected processed crops [B,S,S,3], got shape {list(processed_crop.shape)}.")
-    crops = crops.to(device=base.device, dtype=torch.float32).permute(0, 3, 1, 2)
+    out = paste_into(base.unsqueeze(0).repeat(crops.shape[0], 1, 1, 1), crops, aligned, feather, shape)
+    return out if batched else out[0]
+
+
+def paste_into(photos: torch.Tensor, crops: torch.Tensor, aligned: AlignedFace, feather: float = PASTE_FEATHER,
+               shape: str = "ellipse") -> torch.Tensor:
+    """:func:`paste_back` of crop b into photo b, for photos [B,H,W,3] float32 that already hold other faces'
+    results (several faces of one photo are pasted one after the other). Writes into ``photos`` and returns it;
+    pixels where this face's mask is 0 are not touched.
+
+    Raises InvalidImageError when the photo size differs from the alignment's or the crops are not [B,S,S,3].
+    """
+    if tuple(photos.shape[1:3]) != tuple(aligned.source_size):
+        raise InvalidImageError(
+            f"The photo is {photos.shape[2]}×{photos.shape[1]} px but the face was aligned on a "
+            f"{aligned.source_size[1]}×{aligned.source_size[0]} px photo."
+        )
+    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.shape[1] != crops.shape[2] or crops.shape[0] != photos.shape[0]:
+        raise InvalidImageError(f"Expected processed crops [{photos.shape[0]},S,S,3], got shape {list(crops.shape)}.")
+    crops = crops.to(device=photos.device, dtype=torch.float32).permute(0, 3, 1, 2)
     if crops.shape[-1] != aligned.size:
         crops = F.interpolate(crops, size=(aligned.size, aligned.size), mode="bilinear",
                               align_corners=False, antialias=crops.shape[-1] > aligned.size)
-    out = base.unsqueeze(0).repeat(crops.shape[0], 1, 1, 1)
     x0, y0, x1, y1 = region = _paste_region(aligned)
     if x1 > x0 and y1 > y0:
-        crop_coords = _region_crop_coords(aligned, region, base.device)
+        crop_coords = _region_crop_coords(aligned, region, photos.device)
         mask = face_mask_at(crop_coords / aligned.size, feather, shape).float()[None, :, :, None]
         grid = _normalised_grid(crop_coords, aligned.size, aligned.size).float()
         grid = grid.unsqueeze(0).expand(crops.shape[0], -1, -1, -1)
         warped = F.grid_sample(crops, grid, mode="bilinear", padding_mode="border", align_corners=False)
         warped = warped.permute(0, 2, 3, 1)
-        patch = out[:, y0:y1, x0:x1]
+        patch = photos[:, y0:y1, x0:x1]
         blended = patch * (1.0 - mask) + warped * mask
-        out[:, y0:y1, x0:x1] = torch.where(mask > 0, blended, patch).clamp(0.0, 1.0)
-    return out if batched else out[0]
+        photos[:, y0:y1, x0:x1] = torch.where(mask > 0, blended, patch).clamp(0.0, 1.0)
+    return photos
+
+
+def match_seam_colour(crops: torch.Tensor, source: torch.Tensor, feather: float = PASTE_FEATHER) -> torch.Tensor:
+    """Shift each generated crop's colour so that it agrees with the source crop on the paste seam.
+
+    crops [B,S,S,3] and source [S,S,3] in [0,1]. The seam is the feathered ring of the paste mask
+    (0 < m < 1), where the pasted face blends into the photo; each crop gets the per-channel offset
+    mean(source on the ring) − mean(crop on the ring), clamped to [0,1]. With ``feather`` = 0 (no ring) the crops
+    are returned unchanged. Returns float32 [B,S,S,3].
+    """
+    size = int(source.shape[0])
+    mask = face_mask_in_crop(size, feather, device=crops.device)
+    ring = (mask > 0) & (mask < 1)
+    if not bool(ring.any()):
+        return crops.float()
+    offset = source.to(crops.device).float()[ring].mean(dim=0) - crops.float()[:, ring].mean(dim=1)  # [B,3]
+    return (crops.float() + offset[:, None, None, :]).clamp(0.0, 1.0)
+
+
+def obscure_face(photo: torch.Tensor, aligned: AlignedFace, kind: str) -> torch.Tensor:
+    """A fallback for a face the method cannot process: the face region (the paste mask of its alignment,
+    feathered) replaced by a strong blur or a solid fill of the region's mean colour.
+
+    photo [H,W,3] in [0,1] (float32); kind "blur" (Gaussian, σ = 1/8 of the face's crop side in photo pixels,
+    so no facial feature survives) or "fill". Pixels outside the mask are exactly the photo's. Returns a new
+    [H,W,3] float32 tensor. Raises ValueError for another kind.
+    """
+    if kind not in ("blur", "fill"):
+        raise ValueError(f"fallback must be 'blur' or 'fill', got {kind!r}")
+    photo = photo.float()
+    mask = source_mask(aligned, device=photo.device)[..., None]
+    if not bool((mask > 0).any()):
+        return photo.clone()
+    if kind == "fill":
+        weight = mask.sum()
+        colour = (photo * mask).sum(dim=(0, 1)) / weight
+        covered = colour.expand_as(photo)
+    else:
+        side = float(np.hypot(*(aligned.quad[3] - aligned.quad[0])))
+        covered = gaussian_blur(photo, sigma=max(side / 8.0, 1.0))
+    return torch.where(mask > 0, photo * (1.0 - mask) + covered * mask, photo)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [H,W,3] with standard deviation ``sigma`` px (kernel ±3σ, reflect padding;
+    the radius is capped at the image's size minus one)."""
+    height, width = int(image.shape[0]), int(image.shape[1])
+    radius = max(1, min(int(math.ceil(3 * sigma)), height - 1, width - 1))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+    kernel = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    chw = image.permute(2, 0, 1).unsqueeze(0)
+    chw = F.conv2d(F.pad(chw, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1),
+                   groups=3)
+    chw = F.conv2d(F.pad(chw, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1),
+                   groups=3)
+    return chw[0].permute(1, 2, 0)

@@ -1,6 +1,8 @@
 """Diff-Privacy recovery-key files: the self-describing container, encrypted at rest.
 
-What is stored is a :class:`core.keys.PrivacyKeys` set, serialised by :func:`core.keys.keys_to_payload`; this
+What is stored is a :class:`core.keys.PrivacyKeys` set (one face, :func:`core.keys.keys_to_payload`) or a whole
+photo's :class:`core.keys.PhotoKeys` (every protected face with its geometry,
+:func:`core.keys.photo_keys_to_payload`); this
 module frames that payload, encrypts it, checks it on the way back and reads and writes the files.
 
 File layout (all integers big-endian)::
@@ -78,7 +80,8 @@ from .errors import (
     TruncatedKeyFileError,
     WrongPassphraseError,
 )
-from .keys import PrivacyKeys, _is_int, keys_to_payload, payload_to_keys
+from .keys import (PhotoKeys, PrivacyKeys, _is_int, keys_to_payload, payload_to_photo_keys,
+                   photo_keys_to_payload)
 
 MAGIC = b"DIFFPRIV-KEY\x00"
 CONTAINER_VERSION = 2
@@ -187,7 +190,7 @@ def _missing_passphrase(passphrase: str | None) -> bool:
 
 
 def encode_keys(
-    keys: PrivacyKeys,
+    keys: PrivacyKeys | PhotoKeys,
     passphrase: str | None,
     *,
     allow_plaintext: bool = False,
@@ -199,12 +202,18 @@ def encode_keys(
     passphrase is refused. Each call draws a fresh random salt and nonce, so the bytes differ every time.
     ``scrypt_n`` is a power of two in [MIN_SCRYPT_N, MAX_SCRYPT_N].
 
+    A :class:`PhotoKeys` with face geometry is stored as a whole-photo payload (version 2); a single face's
+    :class:`PrivacyKeys` (or a PhotoKeys without geometry) as the single-face payload (version 1).
+
     Raises PassphraseRequiredError (no passphrase without the opt-out, or an empty one), TypeError (``keys``
-    not a PrivacyKeys, ``passphrase`` not a str) and ValueError (``scrypt_n`` out of bounds).
+    not a PrivacyKeys/PhotoKeys, ``passphrase`` not a str) and ValueError (``scrypt_n`` out of bounds).
     """
-    if not isinstance(keys, PrivacyKeys):
-        raise TypeError(f"keys must be a PrivacyKeys, got {type(keys).__name__}")
-    payload = keys_to_payload(keys)
+    if isinstance(keys, PhotoKeys):
+        payload = photo_keys_to_payload(keys) if keys.placed else keys_to_payload(keys.faces[0])
+    elif isinstance(keys, PrivacyKeys):
+        payload = keys_to_payload(keys)
+    else:
+        raise TypeError(f"keys must be a PrivacyKeys or PhotoKeys, got {type(keys).__name__}")
     if passphrase is None:
         if not allow_plaintext:
             raise PassphraseRequiredError(
@@ -394,6 +403,17 @@ def _validate_header(header: dict[str, Any], container_version: int, source: str
 
 
 def _decode(data: bytes, passphrase: str | None, source: str, allow_plaintext: bool) -> PrivacyKeys:
+    """The single face's keys of a key file; a whole-photo file with several faces is refused with a pointer to
+    the whole-photo loaders."""
+    photo = _decode_photo(data, passphrase, source, allow_plaintext)
+    if len(photo.faces) != 1:
+        raise ForeignKeyFileError(
+            f"{source} holds the keys of {len(photo.faces)} faces of one photo; recover it as a whole photo "
+            f"(Recover Photo node, or the CLI's recover with the protected photo).")
+    return photo.faces[0]
+
+
+def _decode_photo(data: bytes, passphrase: str | None, source: str, allow_plaintext: bool) -> PhotoKeys:
     box = _parse_container(data, source)
     header = box.header
     if not header["encrypted"] and not allow_plaintext:
@@ -404,7 +424,7 @@ def _decode(data: bytes, passphrase: str | None, source: str, allow_plaintext: b
     if not header["encrypted"]:
         if not hmac.compare_digest(hashlib.sha256(box.payload).hexdigest(), header["payload_sha256"]):
             raise _tampered(source, "the payload's SHA-256 does not match the header")
-        return payload_to_keys(box.payload, source)
+        return payload_to_photo_keys(box.payload, source)
     if _missing_passphrase(passphrase):
         raise PassphraseRequiredError(
             f"{source} is encrypted: give the passphrase that was used when the keys were saved."
@@ -423,7 +443,7 @@ def _decode(data: bytes, passphrase: str | None, source: str, allow_plaintext: b
         payload = AESGCM(aes_key).decrypt(nonce, box.payload, box.frame)
     except InvalidTag:
         raise _tampered(source, "AES-GCM authentication failed although the passphrase is right") from None
-    return payload_to_keys(payload, source)
+    return payload_to_photo_keys(payload, source)
 
 
 def decode_keys(data: bytes, passphrase: str | None, *, allow_plaintext: bool = False) -> PrivacyKeys:
@@ -498,7 +518,7 @@ def _write_new(path: Path, data: bytes) -> None:
 
 def save_keys(
     path: str | os.PathLike,
-    keys: PrivacyKeys,
+    keys: PrivacyKeys | PhotoKeys,
     passphrase: str | None,
     *,
     allow_plaintext: bool = False,
@@ -538,6 +558,21 @@ def load_keys(path: str | os.PathLike, passphrase: str | None, *, allow_plaintex
     """
     path = Path(path)
     return _decode(_read_key_file(path), passphrase, f"'{path}'", allow_plaintext)
+
+
+def decode_photo_keys(data: bytes, passphrase: str | None, *, allow_plaintext: bool = False) -> PhotoKeys:
+    """Like :func:`decode_keys` but returns the whole photo's keys (:class:`PhotoKeys`); single-face files come
+    back as one face without geometry."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    return _decode_photo(bytes(data), passphrase, "the key data", allow_plaintext)
+
+
+def load_photo_keys(path: str | os.PathLike, passphrase: str | None, *, allow_plaintext: bool = False) -> PhotoKeys:
+    """Like :func:`load_keys` but returns :class:`PhotoKeys` (every face of a whole-photo key file, or the one
+    face of an older single-face file, without geometry)."""
+    path = Path(path)
+    return _decode_photo(_read_key_file(path), passphrase, f"'{path}'", allow_plaintext)
 
 
 def inspect_key_file(path: str | os.PathLike) -> dict[str, Any]:

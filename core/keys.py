@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Optional
 
 import safetensors.torch
 import torch
@@ -277,3 +278,176 @@ def payload_to_keys(payload: bytes, source: str = "<bytes>") -> PrivacyKeys:
     except (ValueError, TypeError, RuntimeError, safetensors.SafetensorError) as e:
         raise ForeignKeyFileError(f"{source}: the authenticated payload is not a valid key set ({e})") from None
 
+
+
+# --------------------------------------------------------------------------------------------------------
+# Whole-photo key sets (payload format version 2)
+# --------------------------------------------------------------------------------------------------------
+
+PHOTO_KEYS_FORMAT_VERSION = 2
+PHOTO_METADATA_KEY = "diffprivacy.photo_keys"
+
+
+@dataclass(frozen=True)
+class FaceGeometry:
+    """Where one aligned face sits in its photo, enough to paste a recovered face back.
+
+    number: the face's 1-based number in reading order. box: detection box (x0, y0, x1, y1) in photo pixels.
+    matrix: 2×3 affine map from aligned-crop pixel coordinates to photo pixel coordinates (pixel centres at
+    +0.5). crop_size: the aligned crop's side in pixels. photo_size: the photo's (H, W). quad: the crop's corners
+    in the photo, 4 × (x, y) (top-left, bottom-left, bottom-right, top-right). All finite.
+    """
+
+    number: int
+    box: tuple[float, float, float, float]
+    matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    crop_size: int
+    photo_size: tuple[int, int]
+    quad: tuple[tuple[float, float], ...]
+
+    def __post_init__(self):
+        def floats(values, shape, name):
+            try:
+                arr = [float(v) for v in _flatten(values)]
+            except (TypeError, ValueError):
+                raise ValueError(f"geometry {name} must be numbers") from None
+            if len(arr) != math.prod(shape) or not all(math.isfinite(v) for v in arr):
+                raise ValueError(f"geometry {name} must be {shape} finite numbers")
+            return arr
+
+        if not _is_int(self.number) or self.number < 1:
+            raise ValueError(f"geometry number must be an int ≥ 1, got {self.number!r}")
+        box = floats(self.box, (4,), "box")
+        m = floats(self.matrix, (2, 3), "matrix")
+        q = floats(self.quad, (4, 2), "quad")
+        if not _is_int(self.crop_size) or not 8 <= self.crop_size <= 4096:
+            raise ValueError(f"geometry crop_size must be an int in [8, 4096], got {self.crop_size!r}")
+        size = tuple(self.photo_size) if isinstance(self.photo_size, (list, tuple)) else ()
+        if len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
+            raise ValueError(f"geometry photo_size must be (H, W) positive ints, got {self.photo_size!r}")
+        object.__setattr__(self, "box", tuple(box))
+        object.__setattr__(self, "matrix", (tuple(m[:3]), tuple(m[3:])))
+        object.__setattr__(self, "quad", tuple((q[i], q[i + 1]) for i in range(0, 8, 2)))
+        object.__setattr__(self, "photo_size", (int(size[0]), int(size[1])))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "box": list(self.box), "matrix": [list(r) for r in self.matrix],
+                "crop_size": self.crop_size, "photo_size": list(self.photo_size), "quad": [list(p) for p in self.quad]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FaceGeometry":
+        if not isinstance(d, dict) or set(d) != {"number", "box", "matrix", "crop_size", "photo_size", "quad"}:
+            raise ValueError("face geometry must have exactly number, box, matrix, crop_size, photo_size, quad")
+        return cls(**d)
+
+
+def _flatten(values):
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            yield from _flatten(v)
+        else:
+            yield v
+
+
+@dataclass(eq=False, repr=False)
+class PhotoKeys:
+    """The recovery keys of one protected photo: per protected face, its key set (key-E + key-I) and its
+    geometry. ``photo_size`` is the photo's (H, W). Older single-face key files (payload version 1) load as one
+    face without geometry (``geometry[0] is None``): they recover the aligned crop, not the whole photo.
+    """
+
+    faces: list[PrivacyKeys]
+    geometry: list[Optional[FaceGeometry]]
+    photo_size: Optional[tuple[int, int]] = None
+
+    def __post_init__(self):
+        if not self.faces or not all(isinstance(k, PrivacyKeys) for k in self.faces):
+            raise ValueError("PhotoKeys needs at least one PrivacyKeys")
+        if len(self.geometry) != len(self.faces):
+            raise ValueError(f"{len(self.faces)} key sets but {len(self.geometry)} geometries")
+        placed = [g for g in self.geometry if g is not None]
+        if placed and len(placed) != len(self.geometry):
+            raise ValueError("either every face has its geometry or none has")
+        if placed:
+            sizes = {g.photo_size for g in placed}
+            if len(sizes) != 1 or (self.photo_size is not None and tuple(self.photo_size) not in sizes):
+                raise ValueError("every face's geometry must refer to the same photo size")
+            self.photo_size = next(iter(sizes))
+            numbers = [g.number for g in placed]
+            if len(set(numbers)) != len(numbers):
+                raise ValueError(f"face numbers repeat: {numbers}")
+        fingerprints = {k.metadata.model_fingerprint.strip().lower() for k in self.faces}
+        if len(fingerprints) != 1:
+            raise ValueError("every face of a photo must have keys of the same base model")
+
+    @classmethod
+    def single(cls, keys: PrivacyKeys) -> "PhotoKeys":
+        """One face without geometry (what a version-1 key file holds)."""
+        return cls([keys], [None], None)
+
+    @property
+    def placed(self) -> bool:
+        """True when every face knows where it sits in the photo (whole-photo recovery is possible)."""
+        return self.geometry[0] is not None
+
+    @property
+    def metadata(self) -> KeyMetadata:
+        """The first face's metadata (model fingerprint and DDIM grid are shared by every face)."""
+        return self.faces[0].metadata
+
+    def __repr__(self) -> str:
+        return f"PhotoKeys(faces={len(self.faces)}, photo_size={self.photo_size}, model={self.metadata.model_fingerprint!r})"
+
+
+def photo_keys_to_payload(keys: PhotoKeys) -> bytes:
+    """Safetensors bytes of a whole-photo key set: tensors ``face{i}.stage_tokens``, ``face{i}.stage_conds``,
+    ``face{i}.z_T`` (float32) and one metadata entry (:data:`PHOTO_METADATA_KEY`) with the JSON
+    ``{"format_version": 2, "photo_size", "faces": [{"keys": KeyMetadata, "geometry": FaceGeometry}]}``."""
+    if not keys.placed:
+        raise ValueError("a key set without face geometry is written in the single-face format (keys_to_payload)")
+    tensors = {}
+    faces = []
+    for i, (face, geometry) in enumerate(zip(keys.faces, keys.geometry)):
+        for name in _TENSOR_NAMES:
+            tensors[f"face{i}.{name}"] = getattr(face, name).detach().to(device="cpu", dtype=torch.float32).contiguous()
+        faces.append({"keys": face.metadata.to_dict(), "geometry": geometry.to_dict()})
+    meta = {"format_version": PHOTO_KEYS_FORMAT_VERSION, "photo_size": list(keys.photo_size), "faces": faces}
+    meta_json = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return safetensors.torch.save(tensors, metadata={PHOTO_METADATA_KEY: meta_json})
+
+
+def payload_to_photo_keys(payload: bytes, source: str = "<bytes>") -> PhotoKeys:
+    """Any key payload → PhotoKeys: version 1 (one face, no geometry) or version 2 (a whole photo).
+
+    Raises ForeignKeyFileError when the payload is neither (or is a newer version than this pack reads).
+    """
+    try:
+        meta = _safetensors_metadata(payload)
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        raise ForeignKeyFileError(f"{source}: the authenticated payload is not a Diff-Privacy key set ({e})") from None
+    if PHOTO_METADATA_KEY not in meta:
+        return PhotoKeys.single(payload_to_keys(payload, source))
+    try:
+        info = json.loads(meta[PHOTO_METADATA_KEY])
+        version = info.get("format_version") if isinstance(info, dict) else None
+    except (ValueError, RecursionError, TypeError) as e:
+        raise ForeignKeyFileError(f"{source}: the key set's description is damaged ({e})") from None
+    if _is_int(version) and version > PHOTO_KEYS_FORMAT_VERSION:
+        raise ForeignKeyFileError(
+            f"{source}: the keys use payload format version {version}, but this pack reads up to version "
+            f"{PHOTO_KEYS_FORMAT_VERSION}. Update the Diff-Privacy node pack to load them.")
+    try:
+        if version != PHOTO_KEYS_FORMAT_VERSION or not isinstance(info.get("faces"), list) or not info["faces"]:
+            raise ValueError("not a whole-photo key set")
+        tensors = safetensors.torch.load(payload)
+        expected = {f"face{i}.{n}" for i in range(len(info["faces"])) for n in _TENSOR_NAMES}
+        if set(tensors) != expected:
+            raise ValueError(f"expected tensors for {len(info['faces'])} faces, found {sorted(tensors)[:6]}…")
+        faces, geometry = [], []
+        for i, face in enumerate(info["faces"]):
+            faces.append(PrivacyKeys(tensors[f"face{i}.stage_tokens"], tensors[f"face{i}.stage_conds"],
+                                     tensors[f"face{i}.z_T"], KeyMetadata.from_dict(face["keys"])))
+            geometry.append(FaceGeometry.from_dict(face["geometry"]))
+        return PhotoKeys(faces, geometry, tuple(info["photo_size"]))
+    except (ValueError, TypeError, KeyError, RuntimeError, safetensors.SafetensorError) as e:
+        raise ForeignKeyFileError(f"{source}: the authenticated payload is not a valid key set ({e})") from None

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from . import faces, msi, sampling
@@ -20,13 +21,16 @@ from .diffusion import check_num_steps
 from .energies import MODES as TASKS
 from .energies import BackgroundPaste, IdentityGuidance, StepSizeSchedule, mask_to_latent
 from .gate import IdentityScore, check_identity_gate, identity_scores
-from .keys import KeyMetadata, PrivacyKeys, check_compatible
+from .errors import InvalidImageError
+from .keys import FaceGeometry, KeyMetadata, PhotoKeys, PrivacyKeys, check_compatible
 from .msi import MSIOptions
 from .recognizers import FaceCrop, FaceRecognizer, reference_embedding
 from .sampling import SamplingOptions
+from .selection import (DEFAULT_MATCH_THRESHOLD, FacePlan, FaceSelection, check_reference, draw_face_numbers, plan_faces,
+                        reference_similarities)
 from .schedules import EmbeddingSchedule
 from .report import FaceEntry, PrivacyReport, outside_face_metrics, settings_dict
-from .verifiers import SFaceVerifier, Verifier
+from .verifiers import RecognizerVerifier, SFaceVerifier, Verifier
 
 #: How the guiding recognizer sees a face (:func:`face_crop_for`); "official" is the release's choice.
 GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
@@ -48,6 +52,8 @@ class ProtectOptions:
         max_identity_similarity: anonymize fails closed if any result's cosine to the source exceeds it, in
             [−1, 1] (1 disables the check).
         keep_background: paste the source background back for t < 300 (anonymize only, as the release).
+        seam_colour_match: shift each result's colour to agree with the photo on the paste seam
+            (:func:`core.faces.match_seam_colour`).
         label: the preset's name, for the privacy report ("custom" unless made by :meth:`preset`).
 
     Raises:
@@ -63,6 +69,7 @@ class ProtectOptions:
     step_scale: float = 1.0
     max_identity_similarity: float = 0.5
     keep_background: bool = True
+    seam_colour_match: bool = True
     label: str = "custom"
 
     def __post_init__(self):
@@ -135,44 +142,93 @@ def _to_photo(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 1).cpu()
 
 
-@dataclass
-class ProtectedPhoto:
-    """photos [B,H,W,3] (faces pasted back), faces [B,S,S,3], both in [0,1]; keys (key-E + key-I, secret);
-    similarities [B]: cosine of each result to the source under the guiding recognizer; scores: every identity
-    score the gate passed (guiding recognizer and verifiers); report: the privacy report (core/report.py)."""
+Progress = Callable[[str, int, int], None]
 
-    photos: torch.Tensor
-    faces: torch.Tensor
+
+@dataclass
+class ProtectedFace:
+    """One protected face: its 1-based number (reading order), alignment, the B generated aligned crops
+    [B,S,S,3] in [0,1] (seam colour matched, as pasted), its keys (key-E + key-I, secret), the guiding
+    recognizer's cosine of each result to the source [B], every identity score the gate passed, and whether a
+    face is still detected in each result."""
+
+    number: int
+    aligned: faces.AlignedFace
+    crops: torch.Tensor
     keys: PrivacyKeys
     similarities: torch.Tensor
     scores: list[IdentityScore]
+    face_detected: list[bool]
+
+    def geometry(self) -> FaceGeometry:
+        a = self.aligned
+        return FaceGeometry(number=self.number, box=self.box, matrix=a.matrix.tolist(), crop_size=a.size,
+                            photo_size=a.source_size, quad=a.quad.tolist())
+
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass
+class ProtectedPhoto:
+    """photos [B,H,W,3] in [0,1]: every protected face pasted back (sample b of each face in photo b), every
+    fallback face obscured, every other pixel exactly the input's. faces: the protected faces in reading order.
+    keys: the whole photo's recovery keys (None when no face was protected by the method, e.g. only fallbacks).
+    plan: every detected face with its decision. report: the privacy report (core/report.py). preview: the
+    photo with numbered face boxes [H,W,3]."""
+
+    photos: torch.Tensor
+    faces: list[ProtectedFace]
+    keys: Optional[PhotoKeys]
+    plan: FacePlan
     report: PrivacyReport
+    preview: torch.Tensor
+
+    @property
+    def scores(self) -> list[IdentityScore]:
+        return [s for face in self.faces for s in face.scores]
 
 
-def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: torch.Tensor,
-                  options: ProtectOptions = ProtectOptions(), *, verifiers: Sequence[Verifier] = (),
-                  vision: Optional[VisionEncoder] = None,
-                  progress: Callable[[str, int, int], None] | None = None,
-                  cancel: Callable[[], None] | None = None) -> ProtectedPhoto:
-    """Anonymize (or hide) the one face of ``photo`` [H,W,3] in [0,1]: align, MSI, key-I inversion, guided
-    sampling, decode, identity gate (guiding recognizer and every verifier), paste back.
-    ``progress(stage, step, total)`` with stage "msi", "inversion" or "sampling"; ``vision`` is needed by
-    faithful MSI only.
+def select_faces(recognizer: FaceRecognizer, photo: torch.Tensor, selection: FaceSelection = FaceSelection(),
+                 reference: Optional[torch.Tensor] = None, verifiers: Sequence[Verifier] = ()) -> FacePlan:
+    """Detect every face of ``photo`` [H,W,3] in [0,1] and decide for each what happens (core.selection);
+    the reference modes compare each face with ``reference`` [H,W,3] under the SFace verifier when one is
+    configured (a recognizer trained for verification), else under the guiding ``recognizer``. Cheap: run it
+    first (and show :func:`core.selection.draw_face_numbers`) before the expensive steps.
+
+    Raises the errors of :func:`core.selection.plan_faces`, and InvalidImageError for a reference mode without a
+    reference photo.
+    """
+    photo = faces.ensure_rgb(photo)
+    check_reference(selection, reference)
+    detections = faces.detect_faces(photo, selection.min_confidence)
+    sims = None
+    if selection.needs_reference and detections:
+        judge = next((v for v in verifiers if v.name == SFaceVerifier.name), None)
+        if judge is None:
+            judge = RecognizerVerifier(recognizer, FaceCrop.official(recognizer), DEFAULT_MATCH_THRESHOLD)
+        if selection.threshold is None:
+            selection = dataclasses.replace(selection, threshold=float(judge.bound))
+        sims = reference_similarities(judge, photo, detections, faces.ensure_rgb(reference))
+    return plan_faces(photo, selection, detections=detections, similarities=sims)
+
+
+def protect_face(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned: faces.AlignedFace,
+                 options: ProtectOptions, *, number: int = 1, verifiers: Sequence[Verifier] = (),
+                 vision: Optional[VisionEncoder] = None, progress: Optional[Progress] = None,
+                 cancel: Callable[[], None] | None = None) -> ProtectedFace:
+    """The full method on one aligned face: MSI, key-I inversion, guided sampling with the face's own source
+    embedding, decode, identity gate (guiding recognizer and every verifier).
+
+    ``progress(stage, step, total)`` with stage "msi", "inversion" or "sampling".
 
     Raises:
-        FaceNotFoundError, MultipleFacesError, InvalidImageError: from face detection and alignment.
-        ProtectionFailedError: the identity gate failed (a score is NaN, or an anonymized result still matches
-            the source under some recognizer); nothing is returned.
+        ProtectionFailedError: the gate failed for this face (the message names face ``number``).
     """
     task, size = options.task, options.size
-    started = time.monotonic()
 
     def stage(name):
         return None if progress is None else (lambda step, total, info=None: progress(name, step, total))
 
-    photo = faces.ensure_rgb(photo)
-    detection = faces.single_face(photo)
-    aligned = faces.align_face(photo, detection, size=size)
     image = _to_model(aligned.crop, backend.device)
     fit = msi.train_msi(backend, image, options.msi, vision=vision, progress=stage("msi"), cancel=cancel)
     with torch.no_grad():
@@ -194,18 +250,74 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
     with torch.no_grad():
         crops = _to_photo(backend.decode_latent(latents))
     scores = check_identity_gate(score_results(task, (recognizer.name, similarities), aligned.crop, crops, verifiers,
-                                               options.max_identity_similarity))
+                                               options.max_identity_similarity, face=number))
+    if options.seam_colour_match:
+        crops = faces.match_seam_colour(crops, aligned.crop)
     keys = PrivacyKeys(fit.stage_tokens.detach().cpu(), fit.stage_conds.detach().cpu(), z_T.detach().cpu(),
                        KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=options.inversion_steps,
                                    schedule="recover", msi_mode=options.msi.mode, image_size=(size, size)))
-    photos = faces.paste_back(photo, crops, aligned)
+    return ProtectedFace(number, aligned, crops, keys, similarities.detach().cpu(), scores,
+                         faces_still_detected(crops, verifiers))
+
+
+def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: torch.Tensor,
+                  options: ProtectOptions = ProtectOptions(), *, selection: FaceSelection = FaceSelection(),
+                  reference: Optional[torch.Tensor] = None, plan: Optional[FacePlan] = None,
+                  verifiers: Sequence[Verifier] = (), vision: Optional[VisionEncoder] = None,
+                  progress: Optional[Progress] = None,
+                  cancel: Callable[[], None] | None = None) -> ProtectedPhoto:
+    """Anonymize (or hide) every selected face of ``photo`` [H,W,3] in [0,1]: detection and selection
+    (:func:`select_faces`, or a ``plan`` made earlier), then per face :func:`protect_face`, then every result
+    pasted into the one photo (seam colour matched, feathered); faces the method cannot process get the
+    selection's fallback. ``progress(stage, step, total)`` with stage "face N/M: msi" (or inversion, sampling);
+    ``vision`` is needed by faithful MSI only.
+
+    Fail closed: if any face fails the identity gate nothing is returned.
+
+    Raises:
+        FaceNotFoundError, NoFaceSelectedError, UnprocessableFacesError, InvalidImageError: detection and
+            selection (before any expensive step).
+        ProtectionFailedError: the identity gate failed for some face (the message names it); nothing is returned.
+    """
+    started = time.monotonic()
+    photo = faces.ensure_rgb(photo)
+    if plan is None:
+        plan = select_faces(recognizer, photo, selection, reference, verifiers)
+    chosen = plan.with_action("protect")
+    protected: list[ProtectedFace] = []
+    for k, planned in enumerate(chosen, start=1):
+        label = f"face {k}/{len(chosen)}"
+        face_progress = None if progress is None else (lambda stage, step, total, label=label:
+                                                       progress(f"{label}: {stage}", step, total))
+        aligned = faces.align_face(photo, planned.detection, size=options.size)
+        face = protect_face(backend, recognizer, aligned, options, number=planned.number, verifiers=verifiers,
+                            vision=vision, progress=face_progress, cancel=cancel)
+        face.box = planned.box
+        protected.append(face)
+    base = photo
+    changed = torch.zeros(photo.shape[:2])
+    for planned in plan.with_action("fallback"):
+        aligned = faces.align_face(photo, planned.detection, size=64)
+        base = faces.obscure_face(base, aligned, selection.fallback if selection.fallback != "fail" else "fill")
+        changed = torch.maximum(changed, faces.source_mask(aligned))
+    batch = options.sampling.batch_size
+    photos = base.unsqueeze(0).repeat(batch, 1, 1, 1)
+    for face in protected:
+        photos = faces.paste_into(photos, face.crops, face.aligned)
+        changed = torch.maximum(changed, faces.source_mask(face.aligned))
+    keys = None
+    if protected:
+        keys = PhotoKeys([f.keys for f in protected], [f.geometry() for f in protected], plan.photo_size)
+    entries = [FaceEntry(f.number, f.box, f.scores, f.face_detected) for f in protected]
+    entries += [FaceEntry(p.number, p.box, [], [], action=p.action, reason=p.reason)
+                for p in plan.faces if p.action != "protect"]
     report = PrivacyReport(
-        task=task, preset=options.label, settings=settings_dict(options),
-        model={"unet": keys.metadata.model_fingerprint, "text_encoder": backend.text_encoder_fingerprint()},
-        faces=[FaceEntry(0, detection.box, scores, faces_still_detected(crops, verifiers))],
-        outside_faces=outside_face_metrics(photo, photos, faces.source_mask(aligned)),
+        task=options.task, preset=options.label, settings=settings_dict(options),
+        model={"unet": backend.model_fingerprint(), "text_encoder": backend.text_encoder_fingerprint()},
+        faces=sorted(entries, key=lambda e: e.index),
+        outside_faces=outside_face_metrics(photo, photos, changed),
         seconds=time.monotonic() - started)
-    return ProtectedPhoto(photos, crops, keys, similarities.detach().cpu(), scores, report)
+    return ProtectedPhoto(photos, protected, keys, plan, report, draw_face_numbers(photo, plan))
 
 
 def faces_still_detected(results: torch.Tensor, verifiers: Sequence[Verifier]) -> list[bool]:
@@ -225,3 +337,50 @@ def recover_face(backend: DiffusionBackend, keys: PrivacyKeys,
         z0 = sampling.recover_latent(backend, keys.z_T.to(backend.device), keys.stage_conds.to(backend.device),
                                      keys.metadata.ddim_steps, cancel=cancel)
         return _to_photo(backend.decode_latent(z0))[0]
+
+
+@dataclass
+class RecoveredPhoto:
+    """photo [H,W,3] in [0,1]: the protected photo with every recovered face pasted back; crops: the recovered
+    aligned faces [N,S,S,3] in key order."""
+
+    photo: torch.Tensor
+    crops: torch.Tensor
+
+
+def recover_photo(backend: DiffusionBackend, keys: PhotoKeys, protected: torch.Tensor,
+                  cancel: Callable[[], None] | None = None,
+                  progress: Optional[Progress] = None) -> RecoveredPhoto:
+    """The original photo from the protected photo [H,W,3] in [0,1] and its keys: each face regenerated from
+    key-E + key-I (:func:`recover_face`) and pasted back where its geometry says, with the protection's feather;
+    pixels outside every face region are the protected photo's (which are the original's).
+
+    Raises:
+        KeyMismatchError: keys of another base model.
+        InvalidImageError: the photo's size differs from the one the keys were made for, or the keys are an
+            older single-face set without geometry (recover_face gives its aligned crop).
+    """
+    if not keys.placed:
+        raise InvalidImageError(
+            "These keys come from an older single-face key file that does not record where the face sits in the "
+            "photo; they recover the aligned face crop only (Recover Original / recover --crop).")
+    photo = faces.ensure_rgb(protected)
+    if tuple(photo.shape[:2]) != tuple(keys.photo_size):
+        height, width = keys.photo_size
+        raise InvalidImageError(
+            f"The protected photo is {photo.shape[1]}×{photo.shape[0]} px, but these keys belong to a "
+            f"{width}×{height} px photo: give the protected photo exactly as it was written (not resized or cropped).")
+    out = photo.unsqueeze(0).clone()
+    crops = []
+    for i, (face_keys, geometry) in enumerate(zip(keys.faces, keys.geometry), start=1):
+        if progress is not None:
+            progress("recover", i - 1, len(keys.faces))
+        crop = recover_face(backend, face_keys, cancel=cancel)
+        aligned = faces.AlignedFace(crop=crop, matrix=np.asarray(geometry.matrix, dtype=np.float64),
+                                    source_size=geometry.photo_size, size=geometry.crop_size,
+                                    quad=np.asarray(geometry.quad, dtype=np.float64))
+        out = faces.paste_into(out, crop.unsqueeze(0), aligned)
+        crops.append(crop)
+    if progress is not None:
+        progress("recover", len(keys.faces), len(keys.faces))
+    return RecoveredPhoto(out[0], torch.stack(crops))

