@@ -6,9 +6,10 @@ from .comfy.folders import register_folders
 from .embedding_scheduler import EmbeddingScheduler
 from .faces import FaceAlign, FacePasteBack
 from .identity_guidance import FaceRecognizerLoader, IdentityEnergyGuidance
-from .keys import LoadPrivacyKeys, SavePrivacyKeys
+from .keys import LoadPrivacyKeys, SavePhotoKeys, SavePrivacyKeys
 from .msi_invert import MSIInvert
 from .privacy_sampler import PrivacySampler, Recover
+from .protect_faces import FaceSelectionPreview, ProtectFaces, RecoverPhoto
 from .save_image import SaveProtectedImage
 from .verifiers import FaceVerifierLoader
 
@@ -25,6 +26,10 @@ NODES = [
     Recover,
     FaceVerifierLoader,
     SaveProtectedImage,
+    FaceSelectionPreview,
+    ProtectFaces,
+    RecoverPhoto,
+    SavePhotoKeys,
 ]
 
 register_folders()

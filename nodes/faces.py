@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core import faces as face_ops
+from ..core.keys import FaceGeometry
 from ..core.pipeline import ProtectOptions
 from .convert import check_size, rgb
 from .schema import schema
@@ -21,6 +22,13 @@ FACE_ALIGN_IMAGE = "photo at Face Align's 'image' input"
 class Alignment:
     aligned: face_ops.AlignedFace
     original: torch.Tensor  # [H,W,3] in [0,1], CPU
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # the detection box, photo pixels
+
+    def geometry(self) -> FaceGeometry:
+        """Where the face sits in the photo, for whole-photo keys (face number 1)."""
+        a = self.aligned
+        return FaceGeometry(number=1, box=self.box, matrix=a.matrix.tolist(), crop_size=a.size,
+                            photo_size=a.source_size, quad=a.quad.tolist())
 
 
 class FaceAlign(io.ComfyNode):
@@ -55,7 +63,8 @@ class FaceAlign(io.ComfyNode):
         face = face_ops.single_face(photo, min_prob=min_confidence)
         aligned = face_ops.align_face(photo, face, size=size)
         mask = 1.0 - face_ops.face_mask_in_crop(size)
-        return io.NodeOutput(aligned.crop.unsqueeze(0), Alignment(aligned, photo), mask.float().unsqueeze(0))
+        return io.NodeOutput(aligned.crop.unsqueeze(0), Alignment(aligned, photo, face.box),
+                             mask.float().unsqueeze(0))
 
 
 class FacePasteBack(io.ComfyNode):

@@ -19,15 +19,17 @@ from comfy_api.latest import io, ui
 from ..core.autograd import as_normal
 from ..core.errors import (KeyFileError, KeyFileExistsError, KeyFileLocationError, KeyMismatchError,
                            PassphraseRequiredError, PlaintextKeyFileError, WrongPassphraseError)
-from ..core.keyfile import inspect_key_file, load_keys, save_keys
-from ..core.keys import PrivacyKeys, stage_conds_digest
+from ..core.keyfile import inspect_key_file, load_photo_keys, save_keys
+from ..core.keys import PhotoKeys, PrivacyKeys, stage_conds_digest
 from .comfy.folders import (KEY_FILE_EXTENSION, key_file_path, keys_directory, list_key_files,
                             served_keys_folder_message)
 from .comfy.models import to_comfy_latent, to_scaled_latent
+from .comfy.outputs import blocked
 from .schema import schema
-from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType, ReceiptType
+from .types import CATEGORY, AlignmentType, PhotoKeysBatch, PhotoKeysType, PrivacyEmbeds, PrivacyEmbedsType, ReceiptType
 
 SAVE_NODE = "Save Privacy Keys"
+SAVE_PHOTO_NODE = "Save Photo Keys"
 LOAD_NODE = "Load Privacy Keys"
 ENV_PREFIX = "env:"
 DEFAULT_PASSPHRASE_SOURCE = "env:DIFF_PRIVACY_PASSPHRASE"
@@ -144,6 +146,27 @@ def check_receipt(receipt, embeds) -> None:
             f"Use the same checkpoint for MSI Invert and Privacy Sampler; nothing was saved.")
 
 
+def check_photo_receipt(receipt, keys: PhotoKeysBatch) -> None:
+    """Refuse to save whole-photo keys the identity gate did not vouch for: Protect Faces' receipt must name
+    exactly these keys and their model.
+
+    Raises:
+        KeyMismatchError: saying how to wire the nodes.
+    """
+    from .protect_faces import batch_digest
+
+    if not keys.photos:
+        raise KeyMismatchError(f"{SAVE_PHOTO_NODE}: the 'keys' input holds no keys (no face was protected by the "
+                               f"method, e.g. only fallbacks were applied); nothing was saved.")
+    if receipt.keys_digest != batch_digest(keys):
+        raise KeyMismatchError(
+            f"{SAVE_PHOTO_NODE}: the receipt at its 'receipt' input is for other keys than the ones at its 'keys' "
+            f"input. Connect the same Protect Faces node's 'keys' and 'receipt' outputs; nothing was saved.")
+    if any(k.metadata.model_fingerprint != receipt.model_fingerprint for k in keys.photos):
+        raise KeyMismatchError(f"{SAVE_PHOTO_NODE}: the keys were made with another model than the receipt's run; "
+                               f"nothing was saved.")
+
+
 def save_passphrase_problem(passphrase: str, allow_plaintext: bool) -> str | None:
     """Why Save Privacy Keys cannot encrypt with the passphrase widget's value ``passphrase``, or None.
 
@@ -195,7 +218,8 @@ def next_key_counter(folder: str, prefix: str) -> int:
     return max(counters, default=0) + 1
 
 
-def write_key_file(keys: PrivacyKeys, filename_prefix: str, secret: str | None, allow_plaintext: bool) -> Path:
+def write_key_file(keys: PrivacyKeys | PhotoKeys, filename_prefix: str, secret: str | None, allow_plaintext: bool,
+                   node: str = SAVE_NODE) -> Path:
     """Write ``keys`` as a new ``<prefix>_<NNNNN>.dpkey`` in the keys folder with the next free counter.
 
     The file is created by ``core.keyfile.save_keys``, which never replaces a file; when another save takes the
@@ -208,7 +232,7 @@ def write_key_file(keys: PrivacyKeys, filename_prefix: str, secret: str | None, 
         PassphraseRequiredError: ``secret`` None without ``allow_plaintext`` (in the node's terms).
         OSError: the folder or file cannot be written.
     """
-    refusal = served_keys_folder_message(SAVE_NODE)
+    refusal = served_keys_folder_message(node)
     if refusal:
         raise KeyFileLocationError(refusal)
     folder = keys_directory()
@@ -260,8 +284,9 @@ def _passphrase_missing(key_file: str) -> str:
             f"keys were saved with.")
 
 
-def open_key_file(key_file: str, passphrase: str | None, allow_plaintext: bool) -> PrivacyKeys:
-    """Resolve, read and decrypt the key file ``key_file`` as Load Privacy Keys does.
+def open_key_file(key_file: str, passphrase: str | None, allow_plaintext: bool) -> PhotoKeys:
+    """Resolve, read and decrypt the key file ``key_file`` as Load Privacy Keys does: every face's keys (one
+    face without geometry for a single-face file).
 
     Raises (each message names Load Privacy Keys and the widget to change):
         KeyFileLocationError, FileNotFoundError: see ``nodes.comfy.folders.key_file_path``.
@@ -277,7 +302,7 @@ def open_key_file(key_file: str, passphrase: str | None, allow_plaintext: bool) 
     else:
         secret = (os.environ.get(name) if name else None) or None
     try:
-        return load_keys(path, secret, allow_plaintext=allow_plaintext)
+        return load_photo_keys(path, secret, allow_plaintext=allow_plaintext)
     except PassphraseRequiredError as exc:
         message = _env_problem(LOAD_NODE, name) if name is not None else _passphrase_missing(key_file)
         raise PassphraseRequiredError(message) from exc
@@ -319,6 +344,9 @@ class SavePrivacyKeys(io.ComfyNode):
                 ReceiptType.Input("receipt",
                                   tooltip="From Privacy Sampler: it exists only once the identity gate has passed, "
                                           "so keys are never saved for a failed or cancelled run."),
+                AlignmentType.Input("alignment", optional=True,
+                                    tooltip="From Face Align: also stores where the face sits in the photo, so "
+                                            "Recover Photo can restore the whole photo (not only the face crop)."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the key file was written.")],
         )
@@ -335,15 +363,65 @@ class SavePrivacyKeys(io.ComfyNode):
         return save_passphrase_problem(passphrase, bool(allow_plaintext)) or True
 
     @classmethod
-    def execute(cls, embeds, key_latent, filename_prefix, passphrase, allow_plaintext, receipt) -> io.NodeOutput:
+    def execute(cls, embeds, key_latent, filename_prefix, passphrase, allow_plaintext, receipt,
+                alignment=None) -> io.NodeOutput:
         check_receipt(receipt, embeds)
         secret = save_passphrase(passphrase, allow_plaintext)
         # key-I travels as a LATENT (unscaled, what MSI Invert outputs); the file stores the scaled z_T. Key
         # files belong to SD1.x checkpoints, so without a MODEL input the SD1.x latent format converts it.
         z_T = as_normal(to_scaled_latent(None, key_latent).cpu())
         keys = PrivacyKeys(as_normal(embeds.stage_tokens), as_normal(embeds.stage_conds), z_T, embeds.metadata)
+        if alignment is not None:
+            if tuple(keys.metadata.image_size) != (alignment.aligned.size, alignment.aligned.size):
+                raise ValueError(f"{SAVE_NODE}: the keys are for a {keys.metadata.image_size[1]} px face crop but "
+                                 f"the alignment at its 'alignment' input made {alignment.aligned.size} px crops; "
+                                 f"connect the Face Align node that fed MSI Invert.")
+            keys = PhotoKeys([keys], [alignment.geometry()], alignment.aligned.source_size)
         path = write_key_file(keys, filename_prefix, secret, allow_plaintext)
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"keys saved: {path.name}"))
+
+
+class SavePhotoKeys(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="DiffPrivacy_SavePhotoKeys",
+            display_name=SAVE_PHOTO_NODE,
+            description="Writes the recovery keys of whole photos from Protect Faces: one encrypted file per "
+                        "photo, <prefix>_<NNNNN>.dpkey in the keys folder (never replacing a file), holding every "
+                        "protected face's key-E and key-I and where the face sits, so Recover Photo can restore "
+                        "the photo. Same folder, passphrase and rules as Save Privacy Keys.",
+            is_output_node=True,
+            inputs=[
+                PhotoKeysType.Input("keys", tooltip="From Protect Faces."),
+                io.String.Input("filename_prefix", default="photo", tooltip="Start of the key files' names."),
+                io.String.Input("passphrase", default=DEFAULT_PASSPHRASE_SOURCE, tooltip=PASSPHRASE_TOOLTIP),
+                io.Boolean.Input("allow_plaintext", default=False,
+                                 tooltip="Write UNENCRYPTED key files when the passphrase is empty. Keys are "
+                                         "biometric secrets: leave this off."),
+                ReceiptType.Input("receipt", tooltip="From the same Protect Faces node: it exists only once every "
+                                                     "face passed the identity gate."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the key files were written, one per line.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, passphrase=None, allow_plaintext=None):
+        refusal = served_keys_folder_message(SAVE_PHOTO_NODE)
+        if refusal:
+            return refusal
+        if passphrase is None or (allow_plaintext is None and not passphrase):
+            return True
+        return save_passphrase_problem(passphrase, bool(allow_plaintext)) or True
+
+    @classmethod
+    def execute(cls, keys, filename_prefix, passphrase, allow_plaintext, receipt) -> io.NodeOutput:
+        check_photo_receipt(receipt, keys)
+        secret = save_passphrase(passphrase, allow_plaintext)
+        paths = [write_key_file(photo, filename_prefix, secret, allow_plaintext, SAVE_PHOTO_NODE)
+                 for photo in keys.photos]
+        return io.NodeOutput("\n".join(str(p) for p in paths),
+                             ui=ui.PreviewText("keys saved: " + ", ".join(p.name for p in paths)))
 
 
 class LoadPrivacyKeys(io.ComfyNode):
@@ -364,8 +442,10 @@ class LoadPrivacyKeys(io.ComfyNode):
                 io.Boolean.Input("allow_plaintext", default=False, optional=True, tooltip=LOAD_PLAINTEXT_TOOLTIP),
             ],
             outputs=[
-                PrivacyEmbedsType.Output(display_name="embeds", tooltip="key-E."),
-                io.Latent.Output(display_name="key_latent", tooltip="key-I."),
+                PrivacyEmbedsType.Output(display_name="embeds", tooltip="key-E (single-face key files)."),
+                io.Latent.Output(display_name="key_latent", tooltip="key-I (single-face key files)."),
+                PhotoKeysType.Output(display_name="photo_keys",
+                                     tooltip="Every face's keys with where it sits in the photo: for Recover Photo."),
             ],
         )
 
@@ -385,7 +465,14 @@ class LoadPrivacyKeys(io.ComfyNode):
 
     @classmethod
     def execute(cls, key_file, passphrase, allow_plaintext=False) -> io.NodeOutput:
-        keys = open_key_file(key_file, passphrase, allow_plaintext)
+        photo = open_key_file(key_file, passphrase, allow_plaintext)
+        if len(photo.faces) != 1:
+            # the single-face outputs cannot hold several faces: whatever is connected to them stops with this
+            message = (f"{LOAD_NODE}: {key_file!r} holds the keys of {len(photo.faces)} faces of one photo; "
+                       f"connect its 'photo_keys' output to Recover Photo (with the protected photo) instead of "
+                       f"'embeds'/'key_latent'.")
+            return io.NodeOutput(blocked(message), blocked(message), PhotoKeysBatch((photo,)))
+        keys = photo.faces[0]
         embeds = PrivacyEmbeds(keys.stage_tokens, keys.stage_conds, keys.metadata)
         latent = to_comfy_latent(None, keys.z_T)  # SD1.x latent format: see SavePrivacyKeys
-        return io.NodeOutput(embeds, latent)
+        return io.NodeOutput(embeds, latent, PhotoKeysBatch((photo,)))

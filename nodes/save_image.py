@@ -51,8 +51,8 @@ class SaveProtectedImage(io.ComfyNode):
                                 tooltip="Start of the file names, inside the output folder; ComfyUI's counter "
                                         "is appended (<prefix>_00001_.png)."),
                 ReceiptType.Input("receipt", optional=True,
-                                  tooltip="From Privacy Sampler: its report is written as <image>.report.json "
-                                          "next to each image."),
+                                  tooltip="From Privacy Sampler or Protect Faces: its report is written as "
+                                          "<image>.report.json next to each image."),
             ],
             outputs=[],
         )
@@ -61,9 +61,9 @@ class SaveProtectedImage(io.ComfyNode):
     def execute(cls, images, filename_prefix, receipt=None) -> io.NodeOutput:
         images = rgb(images, IMAGES)
         target = output_target(filename_prefix, int(images.shape[2]), int(images.shape[1]))
-        report = receipt.report.to_json().encode("utf-8") if receipt is not None else None
         results = []
         for i, image in enumerate(images):
+            report = None if receipt is None else receipt.report_for(i, len(images)).to_json().encode("utf-8")
             stem = f"{target.name.replace('%batch_num%', str(i))}_{target.counter + i:05}_"
             _write_new(os.path.join(target.folder, stem + ".png"), png_bytes(image))
             if report is not None:

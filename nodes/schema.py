@@ -30,6 +30,9 @@ SEARCH_ALIASES: dict[str, tuple[str, ...]] = {
     "DiffPrivacy_SaveKeys": ("save keys", "encrypt keys", "recovery key"),
     "DiffPrivacy_LoadKeys": ("load keys", "decrypt keys", "recovery key"),
     "DiffPrivacy_ProtectFaces": ("anonymize", "de-identify", "face anonymization", "blur faces", "group photo"),
+    "DiffPrivacy_FaceSelectionPreview": ("detect faces", "face numbers", "which faces"),
+    "DiffPrivacy_RecoverPhoto": ("recover photo", "de-anonymize", "restore original"),
+    "DiffPrivacy_SavePhotoKeys": ("save keys", "encrypt keys", "recovery key"),
 }
 
 

@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.energies import StepSizeSchedule
-from ..core.keys import KeyMetadata
+from ..core.keys import KeyMetadata, PhotoKeys
 from ..core.recognizers import FaceCrop, FaceRecognizer
 from ..core.report import PrivacyReport
 
@@ -21,6 +21,7 @@ RecognizerType = io.Custom("FACE_RECOGNIZER")
 AlignmentType = io.Custom("FACE_ALIGNMENT")
 VerifiersType = io.Custom("FACE_VERIFIERS")
 ReceiptType = io.Custom("PRIVACY_RECEIPT")
+PhotoKeysType = io.Custom("PRIVACY_PHOTO_KEYS")
 
 CATEGORY = "Diff-Privacy"
 
@@ -60,3 +61,19 @@ class PrivacyReceipt:
     keys_digest: str
     model_fingerprint: str
     report: PrivacyReport
+    #: Protect Faces on a batch of photos: one report per photo, each covering ``samples`` consecutive images
+    reports: tuple[PrivacyReport, ...] = ()
+    samples: int = 1
+
+    def report_for(self, image: int, images: int) -> PrivacyReport:
+        """The report of image ``image`` of a batch of ``images`` (per photo when the receipt has several)."""
+        if self.reports and images == len(self.reports) * self.samples:
+            return self.reports[image // self.samples]
+        return self.report
+
+
+@dataclass(frozen=True)
+class PhotoKeysBatch:
+    """Protect Faces' keys: one whole-photo key set per photo of the batch (secret), in batch order."""
+
+    photos: tuple[PhotoKeys, ...]

@@ -28,3 +28,11 @@ def output_target(filename_prefix: str, width: int, height: int) -> OutputTarget
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
         filename_prefix, folder_paths.get_output_directory(), width, height)
     return OutputTarget(folder, name, int(counter), subfolder)
+
+
+def blocked(message: str):
+    """An output value that stops every node connected to it with ``message`` (ComfyUI's ExecutionBlocker), for
+    outputs a node cannot fill for this input; nodes not connected to it run normally."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(message)

@@ -20,7 +20,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"
-WORKFLOW_NAMES = ("anonymize", "hide", "recover")
+WORKFLOW_NAMES = ("anonymize", "hide", "recover", "protect_faces_quick")
 
 #: the shipped workflows read their passphrase from this variable; set before any server starts
 PASSPHRASE_ENV = "DIFF_PRIVACY_PASSPHRASE"
@@ -177,6 +177,9 @@ def tiny(graph: dict, *, photo: str, ckpt: str, msi_steps: int = 2, inversion_st
         set_inputs(g, "DiffPrivacy_FaceAlign", size=SIZE)
     if node_ids(g, "DiffPrivacy_MSIInvert"):
         set_inputs(g, "DiffPrivacy_MSIInvert", steps=msi_steps, inversion_steps=inversion_steps)
+    if node_ids(g, "DiffPrivacy_ProtectFaces"):
+        set_inputs(g, "DiffPrivacy_ProtectFaces", size=SIZE, msi_steps=msi_steps, inversion_steps=inversion_steps,
+                   steps=sampler_steps or 8, batch_size=batch_size or 1)
     if node_ids(g, "DiffPrivacy_PrivacySampler"):
         if sampler_steps is not None:
             set_inputs(g, "DiffPrivacy_PrivacySampler", steps=sampler_steps)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.prerequisites import missing
 
-from .helpers import WORKFLOWS_DIR, astronaut_png, load_api, without_meta
+from .helpers import WORKFLOW_NAMES, WORKFLOWS_DIR, astronaut_png, load_api, without_meta
 
 pytestmark = pytest.mark.comfyui
 
@@ -129,7 +129,9 @@ def _tiny_changes(server, photo: str, task: str) -> dict:
                "DiffPrivacy_PrivacySampler": {"steps": 4, "batch_size": 2 if task == "anonymize" else 1,
                                               "seed": 7 if task == "anonymize" else 8},
                "DiffPrivacy_IdentityEnergyGuidance": {"max_identity_similarity": 1.0},
-               "DiffPrivacy_SaveImageClean": {"filename_prefix": f"browser_{task}"}}
+               "DiffPrivacy_SaveImageClean": {"filename_prefix": f"browser_{task}"},
+               "DiffPrivacy_ProtectFaces": {"size": 64, "msi_steps": 2, "inversion_steps": 4, "steps": 4,
+                                            "batch_size": 1, "max_identity_similarity": 1.0}}
     return changes
 
 
@@ -162,7 +164,7 @@ def _give_server_the_workflow_files(comfy_server, tmp_path) -> None:
     """The shipped workflows name a real checkpoint and photo; the test server gets files of those names (the
     tiny checkpoint, the astronaut), so every frontend version loads them without "missing file" flags and
     the test can demand a graph without errors."""
-    for name in ("anonymize", "hide", "recover"):
+    for name in WORKFLOW_NAMES:
         for node in load_api(name).values():
             if node["class_type"] == "CheckpointLoaderSimple":
                 link = comfy_server.models.checkpoints / node["inputs"]["ckpt_name"]
@@ -178,7 +180,7 @@ def test_workflows_in_the_browser(page, comfy_server, tmp_path):
     page.reload(wait_until="domcontentloaded", timeout=120_000)  # the frontend lists files when it loads
     page.wait_for_function(READY_JS, timeout=120_000)
     key_file = None
-    for name in ("anonymize", "hide", "recover"):
+    for name in ("anonymize", "hide", "recover", "protect_faces_quick"):
         nodes = _drop(page, name)
         assert not [n for n in nodes if n["has_errors"]], f"{name}: nodes with errors (missing types?)"
         assert "global-missing-nodes" not in page.evaluate(DIALOG_KEYS_JS), f"{name}: missing-nodes dialog"
@@ -191,13 +193,13 @@ def test_workflows_in_the_browser(page, comfy_server, tmp_path):
         if name == "recover":
             changes = {"CheckpointLoaderSimple": {"ckpt_name": comfy_server.models.checkpoint_name},
                        "DiffPrivacy_LoadKeys": {"key_file": key_file},
-                       "SaveImage": {"filename_prefix": "browser_recover"}}
+                       "DiffPrivacy_SaveImageClean": {"filename_prefix": "browser_recover"}}
         else:
             changes = _tiny_changes(comfy_server, photo, name)
         page.evaluate(SET_WIDGETS_JS, changes)
         entry = _queue_and_wait(page, comfy_server)
         images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
-        assert len(images) == {"anonymize": 2, "hide": 1, "recover": 1}[name]
+        assert len(images) == {"anonymize": 2, "hide": 1, "recover": 2, "protect_faces_quick": 2}[name]
         if name == "anonymize":
             texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
             key_file = texts[0].split(": ", 1)[1]

@@ -26,11 +26,20 @@ FROZEN = {
                                                        "embeds"]),
     "DiffPrivacy_FacePasteBack": ("Face Paste Back", ["faces", "alignment", "feather"]),
     "DiffPrivacy_SaveKeys": ("Save Privacy Keys", ["embeds", "key_latent", "filename_prefix", "passphrase",
-                                                   "allow_plaintext", "receipt"]),
+                                                   "allow_plaintext", "receipt", "alignment"]),
     "DiffPrivacy_LoadKeys": ("Load Privacy Keys", ["key_file", "passphrase", "allow_plaintext"]),
     "DiffPrivacy_Recover": ("Recover Original", ["model", "vae", "embeds", "key_latent"]),
     "DiffPrivacy_FaceVerifierLoader": ("Face Verifier Loader", ["verifier_name", "bound", "verifiers"]),
     "DiffPrivacy_SaveImageClean": ("Save Protected Image", ["images", "filename_prefix", "receipt"]),
+    "DiffPrivacy_FaceSelectionPreview": ("Face Selection Preview", [
+        "image", "selection", "face_numbers", "fallback", "match_threshold", "recognizer", "reference", "verifiers"]),
+    "DiffPrivacy_ProtectFaces": ("Protect Faces", [
+        "model", "clip", "vae", "recognizer", "image", "task", "selection", "face_numbers", "fallback",
+        "match_threshold", "size", "msi_steps", "inversion_steps", "steps", "batch_size", "seed",
+        "max_identity_similarity", "reference", "verifiers", "clip_vision"]),
+    "DiffPrivacy_RecoverPhoto": ("Recover Photo", ["model", "clip", "vae", "keys", "image"]),
+    "DiffPrivacy_SavePhotoKeys": ("Save Photo Keys", ["keys", "filename_prefix", "passphrase", "allow_plaintext",
+                                                      "receipt"]),
 }
 
 
@@ -39,6 +48,9 @@ FROZEN_OUTPUTS = {
     "DiffPrivacy_PrivacySampler": ["images", "latent", "receipt", "report", "preview"],
     "DiffPrivacy_IdentityEnergyGuidance": ["guidance", "guider"],
     "DiffPrivacy_FaceVerifierLoader": ["verifiers"],
+    "DiffPrivacy_LoadKeys": ["embeds", "key_latent", "photo_keys"],
+    "DiffPrivacy_ProtectFaces": ["images", "preview", "keys", "receipt", "report"],
+    "DiffPrivacy_RecoverPhoto": ["photo", "faces"],
 }
 
 
@@ -76,7 +88,7 @@ def test_one_category_and_tooltips_everywhere(infos):
 
 
 def test_passphrase_defaults_read_the_environment(infos):
-    for node_id in ("DiffPrivacy_SaveKeys", "DiffPrivacy_LoadKeys"):
+    for node_id in ("DiffPrivacy_SaveKeys", "DiffPrivacy_LoadKeys", "DiffPrivacy_SavePhotoKeys"):
         assert infos[node_id]["input"]["required"]["passphrase"][1]["default"] == "env:DIFF_PRIVACY_PASSPHRASE"
 
 

@@ -111,10 +111,19 @@ def test_hide_outputs_one_photo(comfy_inprocess):
 
 
 def test_recover_from_the_anonymize_keys(comfy_inprocess, anonymize_run):
-    _, _, key_file = anonymize_run
-    graph = tiny(load_api("recover"), photo="unused.png", ckpt=comfy_inprocess.models.checkpoint_name,
-                 prefix="wf_recover")
-    set_inputs(graph, "DiffPrivacy_LoadKeys", key_file=key_file)
-    history = comfy_inprocess.run(graph)
-    # the recovered face is the aligned crop: Face Align's size
-    _check_images(comfy_inprocess, saved_images(history, graph), 1, (SIZE, SIZE))
+    """recover.json restores the aligned face (Recover Original) and the whole photo (Recover Photo, from the
+    protected photo and the geometry Save Privacy Keys stored from Face Align's alignment)."""
+    graph, history, key_file = anonymize_run
+    protected = comfy_inprocess.output_path(saved_images(history, graph)[0])
+    (comfy_inprocess.input_dir / "protected_wf.png").write_bytes(protected.read_bytes())
+    recover = tiny(load_api("recover"), photo="protected_wf.png", ckpt=comfy_inprocess.models.checkpoint_name,
+                   prefix="wf_recover")
+    set_inputs(recover, "DiffPrivacy_LoadKeys", key_file=key_file)
+    out = comfy_inprocess.run(recover)
+    face, photo = saved_images(out, recover)
+    _check_images(comfy_inprocess, [face], 1, (SIZE, SIZE))  # the aligned crop: Face Align's size
+    _check_images(comfy_inprocess, [photo], 1, (512, 512))  # the whole photo
+    with Image.open(comfy_inprocess.output_path(photo)) as a, Image.open(protected) as b:
+        restored, given = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+    changed = np.any(restored != given, axis=-1)
+    assert 0 < changed.mean() < 0.2  # only the face region was replaced
