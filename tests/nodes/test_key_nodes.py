@@ -86,3 +86,30 @@ def test_retries_are_bounded(comfy_inprocess, keys_module, monkeypatch):
                                               ("", "keys"), (".hidden", "hidden")])
 def test_prefixes_become_plain_names(keys_module, prefix, expected):
     assert keys_module.safe_prefix(prefix) == expected
+
+
+def test_a_whole_photo_key_file_blocks_the_single_face_outputs(comfy_inprocess, keys_module, monkeypatch):
+    """Load Privacy Keys on a key file of two faces: 'photo_keys' carries both; whatever is connected to the
+    single-face outputs (embeds, key_latent) stops with a message pointing to Recover Photo, instead of
+    silently recovering one face."""
+    key_types = sys.modules[keys_module.PrivacyKeys.__module__]
+    geometry = [key_types.FaceGeometry(number=n, box=(0, 0, 10, 10), matrix=((1, 0, 0), (0, 1, 0)), crop_size=64,
+                                       photo_size=(128, 128), quad=((0, 0), (0, 64), (64, 64), (64, 0)))
+                for n in (1, 2)]
+    photo = key_types.PhotoKeys([_keys(keys_module, 7), _keys(keys_module, 8)], geometry, (128, 128))
+    path = keys_module.write_key_file(photo, "two_faces", PASSPHRASE, False)
+    monkeypatch.setenv("DP_TEST_KEYS_PASS", PASSPHRASE)
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_inprocess.models.checkpoint_name}},
+        "2": {"class_type": "DiffPrivacy_LoadKeys", "inputs": {"key_file": path.name,
+                                                               "passphrase": "env:DP_TEST_KEYS_PASS"}},
+        "3": {"class_type": "DiffPrivacy_Recover", "inputs": {"model": ["1", 0], "vae": ["1", 2], "embeds": ["2", 0],
+                                                              "key_latent": ["2", 1]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+    }
+    history = comfy_inprocess.run(graph)
+    errors = [data for event, data in comfy_inprocess.server.messages if event == "execution_error"]
+    assert len(errors) == 1 and errors[0]["node_id"] == "3", errors
+    message = errors[0]["exception_message"]
+    assert "holds the keys of 2 faces" in message and "Recover Photo" in message
+    assert "4" not in history["outputs"]  # nothing recovered, nothing shown
