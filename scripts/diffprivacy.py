@@ -30,7 +30,7 @@ GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
 CLI_MODULES = {"diffusers": "diffusers", "transformers": "transformers"}
 
 # Bound by load_runtime() after the arguments are parsed, so that --help and usage errors stay fast.
-np = torch = Image = keyfile = ClipVisionEncoder = DiffusersBackend = DiffPrivacyError = None
+torch = keyfile = load_photo = save_photo = ClipVisionEncoder = DiffusersBackend = DiffPrivacyError = None
 MSIOptions = ProtectOptions = protect_photo = recover_face = load_recognizer = None
 FaceCrop = RecognizerVerifier = load_sface = None
 
@@ -51,12 +51,10 @@ def load_runtime() -> None:
         raise SystemExit(f"error: the Diff-Privacy CLI needs {', '.join(missing)}, which this Python lacks.\n"
                          f"The ComfyUI nodes do not use diffusers or transformers; the CLI does. To run it, "
                          f"{first}install the CLI's requirements:\n    {command}")
-    global np, torch, Image, keyfile, ClipVisionEncoder, DiffusersBackend, DiffPrivacyError
+    global torch, keyfile, load_photo, save_photo, ClipVisionEncoder, DiffusersBackend, DiffPrivacyError
     global MSIOptions, ProtectOptions, protect_photo, recover_face, load_recognizer
     global FaceCrop, RecognizerVerifier, load_sface
-    import numpy as np
     import torch
-    from PIL import Image
 
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
@@ -64,6 +62,7 @@ def load_runtime() -> None:
     from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend
     from core.errors import DiffPrivacyError
     from core.msi import MSIOptions
+    from core.photo_io import load_photo, save_photo
     from core.pipeline import ProtectOptions, protect_photo, recover_face
     from core.recognizers import FaceCrop, load_recognizer
     from core.verifiers import RecognizerVerifier, load_sface
@@ -79,15 +78,6 @@ def passphrase(confirm: bool) -> str:
     if confirm and getpass.getpass("again: ") != secret:
         raise SystemExit("the passphrases differ")
     return secret
-
-
-def read_photo(path: str) -> torch.Tensor:
-    with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
-
-
-def write_image(path: Path, pixels: torch.Tensor) -> None:
-    Image.fromarray((pixels.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)).save(path)
 
 
 def backend_from(args) -> DiffusersBackend:
@@ -136,7 +126,7 @@ def protect(args) -> int:
     def show(stage: str, step: int, total: int) -> None:
         print(f"\r{stage:9s} {step:5d}/{total}", end="" if step < total else "\n", flush=True)
 
-    result = protect_photo(backend, recognizer, read_photo(args.photo), options, verifiers=verifiers, vision=vision,
+    result = protect_photo(backend, recognizer, load_photo(args.photo), options, verifiers=verifiers, vision=vision,
                            progress=show)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +135,7 @@ def protect(args) -> int:
     # never replaced and an existing one stops the run before any image is written
     keyfile.save_keys(args.keys, result.keys, secret)
     for i, photo in enumerate(result.photos):
-        write_image(out / f"{stem}_{args.task}_{i:02d}.png", photo)
+        save_photo(out / f"{stem}_{args.task}_{i:02d}.png", photo)
     (out / f"{stem}_{args.task}.report.json").write_text(result.report.to_json(), encoding="utf-8")
     print(result.report.summary())
     print(f"wrote {len(result.photos)} photo(s) and the privacy report to {out}; keys to {args.keys}")
@@ -155,7 +145,7 @@ def protect(args) -> int:
 def recover(args) -> int:
     backend = backend_from(args)
     keys = keyfile.load_keys(args.keys, passphrase(confirm=False))
-    write_image(Path(args.out), recover_face(backend, keys))
+    save_photo(Path(args.out), recover_face(backend, keys))
     print(f"wrote {args.out}")
     return 0
 
