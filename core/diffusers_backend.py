@@ -39,6 +39,7 @@ from .checkpoint import (
 from .diffusion import LATENT_SCALE
 from .errors import IncompatibleWeightsError, InvalidImageError, WeightsNotFoundError
 from .fingerprint import text_encoder_fingerprint, unet_fingerprint
+from .model_family import check_supported, classify_state_dict
 from .text_encoder import CLIPTextEncoder, PlaceholderConditioner
 from .weights import read_state_dict
 
@@ -147,13 +148,22 @@ class DiffusersBackend:
         tokenizer = load_clip_tokenizer(tokenizer_dir)
         sd = read_state_dict(checkpoint_path, what="SD1.x checkpoint")
         return cls.from_state_dict(sd, tokenizer=tokenizer, device=device, dtype=dtype, vae_dtype=vae_dtype,
-                                   source=os.fspath(checkpoint_path))
+                                   source=f"The checkpoint '{os.fspath(checkpoint_path)}'")
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], *, tokenizer, device="cpu",
                         dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
                         source: str = "state dict") -> "DiffusersBackend":
-        """Same as :meth:`from_single_file` for an in-memory single-file state dict."""
+        """Same as :meth:`from_single_file` for an in-memory single-file state dict.
+
+        The model family is checked first (:func:`core.model_family.classify_state_dict`), then the parts: an SDXL,
+        SD 2.x, inpainting … file raises UnsupportedModelError naming its family, never a missing-part message.
+        ``source`` starts the error messages (e.g. "The checkpoint 'x.safetensors'").
+
+        Raises:
+            UnsupportedModelError: not an SD 1.x ε-prediction text-to-image model.
+            IncompatibleWeightsError: an SD 1.x model without VAE or text encoder, or with tensors that do not fit.
+        """
         from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
         from diffusers.loaders.single_file_utils import (
             convert_ldm_unet_checkpoint,
@@ -161,13 +171,18 @@ class DiffusersBackend:
         )
 
         vae_dtype = dtype if vae_dtype is None else vae_dtype
+        check_supported(classify_state_dict(sd), source)  # the family first: names only, before any module
         unet_sd, vae_sd, text_sd = split_checkpoint(sd)
         if not unet_sd:
             raise IncompatibleWeightsError(f"{source} has no '{UNET_PREFIX}*' tensors: not an SD1.x single-file model.")
         if not vae_sd:
-            raise IncompatibleWeightsError(f"{source} has no VAE ('{VAE_PREFIX}*'); merge one into the checkpoint.")
+            raise IncompatibleWeightsError(
+                f"{source} has no VAE ('{VAE_PREFIX}*' tensors): it was saved without one. Use a checkpoint with its "
+                f"VAE built in (most SD 1.x files have one; ComfyUI can pair a VAE-less file with Load VAE).")
         if not text_sd:
-            raise IncompatibleWeightsError(f"{source} has no CLIP text encoder ('{TEXT_PREFIXES[0]}*').")
+            raise IncompatibleWeightsError(
+                f"{source} has no CLIP text encoder ('{TEXT_PREFIXES[0]}*' tensors). Use a complete SD 1.x "
+                f"checkpoint (UNet, VAE and text encoder in one file).")
 
         unet_cfg = unet_config_from_ldm(unet_sd)
         if unet_cfg["in_channels"] != 4 or unet_cfg["out_channels"] != 4:
