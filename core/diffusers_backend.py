@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from .checkpoint import (
-    TEXT_PREFIXES,
     UNET_PREFIX,
     VAE_PREFIX,
+    check_sd1_checkpoint,
     kl_vae_config_from_ldm,
     split_checkpoint,
     taesd_to_diffusers,
@@ -39,7 +39,6 @@ from .checkpoint import (
 from .diffusion import LATENT_SCALE
 from .errors import IncompatibleWeightsError, InvalidImageError, WeightsNotFoundError
 from .fingerprint import text_encoder_fingerprint, unet_fingerprint
-from .model_family import check_supported, classify_state_dict
 from .text_encoder import CLIPTextEncoder, PlaceholderConditioner
 from .weights import read_state_dict
 
@@ -171,18 +170,8 @@ class DiffusersBackend:
         )
 
         vae_dtype = dtype if vae_dtype is None else vae_dtype
-        check_supported(classify_state_dict(sd), source)  # the family first: names only, before any module
+        check_sd1_checkpoint(sd, source)  # family, then parts: names only, before any module is built
         unet_sd, vae_sd, text_sd = split_checkpoint(sd)
-        if not unet_sd:
-            raise IncompatibleWeightsError(f"{source} has no '{UNET_PREFIX}*' tensors: not an SD1.x single-file model.")
-        if not vae_sd:
-            raise IncompatibleWeightsError(
-                f"{source} has no VAE ('{VAE_PREFIX}*' tensors): it was saved without one. Use a checkpoint with its "
-                f"VAE built in (most SD 1.x files have one; ComfyUI can pair a VAE-less file with Load VAE).")
-        if not text_sd:
-            raise IncompatibleWeightsError(
-                f"{source} has no CLIP text encoder ('{TEXT_PREFIXES[0]}*' tensors). Use a complete SD 1.x "
-                f"checkpoint (UNet, VAE and text encoder in one file).")
 
         unet_cfg = unet_config_from_ldm(unet_sd)
         if unet_cfg["in_channels"] != 4 or unet_cfg["out_channels"] != 4:

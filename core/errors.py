@@ -48,6 +48,11 @@ class PassphraseRequiredError(KeyFileError):
     """The key file is encrypted (or must be written encrypted) and no passphrase was given."""
 
 
+class PassphraseFormatError(KeyFileError, ValueError):
+    """A passphrase for new keys starts or ends with whitespace or an invisible character (usually copied along by
+    mistake); it is refused rather than written into a key file that would need it, exactly, to open."""
+
+
 class TamperedKeyFileError(KeyFileError):
     """The key file was opened with the right passphrase but its content fails authentication."""
 

@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -100,12 +101,7 @@ def read_state_dict(path: str | os.PathLike, *, what: str) -> dict[str, torch.Te
     Python objects other than tensors and plain containers, or content that is not a non-empty mapping of
     names to tensors.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"The {what} '{path}' was not found. Put the file there or give its correct path; nothing is ever "
-            "downloaded."
-        )
+    path = _existing(path, what)
     suffix = path.suffix.lower()
     with normal_tensors():
         if suffix in SAFETENSORS_SUFFIXES:
@@ -113,10 +109,7 @@ def read_state_dict(path: str | os.PathLike, *, what: str) -> dict[str, torch.Te
         elif suffix in PICKLE_SUFFIXES:
             raw = _read_pickle(path, what)
         else:
-            raise IncompatibleWeightsError(
-                f"The {what} '{path}' has the unsupported file type {suffix or '(none)'!r}: use a "
-                f"{'/'.join(SAFETENSORS_SUFFIXES)} file or a PyTorch {'/'.join(PICKLE_SUFFIXES)} checkpoint."
-            )
+            _unsupported(path, what, suffix)
     return _plain_state_dict(raw, path, what)
 
 
@@ -158,6 +151,58 @@ def safetensors_damage(path: Path) -> str | None:
     return None
 
 
+def read_tensor_shapes(path: str | os.PathLike, *, what: str) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of every tensor in a weight file, read cheaply, with :func:`read_state_dict`'s policy.
+
+    A safetensors file is checked for damage and only its header is read (no tensor data, instant even for
+    multi-GB files); a PyTorch pickle goes through the same restricted unpickler as :func:`read_state_dict`
+    (memory-mapped for the zip format, so the data is not read either) and is unwrapped the same way.
+
+    Raises:
+        WeightsNotFoundError, IncompatibleWeightsError: as :func:`read_state_dict`, for the same files.
+    """
+    path = _existing(path, what)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        problem = safetensors_damage(path)
+        if problem is not None:
+            _read_safetensors(path, what)  # raises the damaged/foreign error for this problem
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length).decode("utf-8"))
+        try:
+            shapes = {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items()
+                      if name != "__metadata__"}
+        except (KeyError, TypeError, ValueError):
+            raise IncompatibleWeightsError(f"The {what} '{path}' is a damaged or truncated safetensors file: its "
+                                           f"header is not valid safetensors JSON. {_AGAIN}") from None
+        if not shapes:
+            raise IncompatibleWeightsError(f"The {what} '{path}' holds no tensors.")
+        return shapes
+    if suffix not in PICKLE_SUFFIXES:
+        _unsupported(path, what, suffix)
+    with normal_tensors():
+        raw = _read_pickle(path, what, mmap=True)
+    return {name: tuple(tensor.shape) for name, tensor in _plain_state_dict(raw, path, what).items()}
+
+
+def _existing(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"The {what} '{path}' was not found. Put the file there or give its correct path; nothing is ever "
+            "downloaded."
+        )
+    return path
+
+
+def _unsupported(path: Path, what: str, suffix: str):
+    raise IncompatibleWeightsError(
+        f"The {what} '{path}' has the unsupported file type {suffix or '(none)'!r}: use a "
+        f"{'/'.join(SAFETENSORS_SUFFIXES)} file or a PyTorch {'/'.join(PICKLE_SUFFIXES)} checkpoint."
+    )
+
+
 def _read_safetensors(path: Path, what: str) -> object:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -176,10 +221,13 @@ def _read_safetensors(path: Path, what: str) -> object:
                                    f"{_AGAIN}")
 
 
-def _read_pickle(path: Path, what: str) -> object:
+def _read_pickle(path: Path, what: str, mmap: bool = False) -> object:
+    """torch.load(weights_only=True) with :data:`LEGACY_CHECKPOINT_GLOBALS`; ``mmap`` maps the storages of a zip-format
+    file instead of reading them (the legacy format cannot be mapped and is read)."""
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(list(LEGACY_CHECKPOINT_GLOBALS)):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         # torch's own message advises weights_only=False; it is deliberately not repeated here.
         raise IncompatibleWeightsError(

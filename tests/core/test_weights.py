@@ -233,3 +233,43 @@ def test_damaged_safetensors_say_what_is_wrong(tmp_path, change, words):
     for word in words:
         assert word in message
     assert "SafetensorError" not in message and "incomplete metadata" not in message
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.sft", "w.pt", "legacy.ckpt"])
+def test_tensor_shapes_without_reading_the_data(tmp_path, name, monkeypatch):
+    from core.weights import read_tensor_shapes
+
+    path = tmp_path / name
+    if path.suffix in (".safetensors", ".sft"):
+        save_file(tensors(), str(path))
+        import safetensors.torch
+
+        # the header is enough: the tensor loader is never called
+        monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("tensor data was read"))
+    elif name == "legacy.ckpt":
+        from tests.support.model_families import write_lightning_ckpt
+
+        write_lightning_ckpt(path, tensors(), zip_format=False)
+    else:
+        torch.save(tensors(), path)
+    assert read_tensor_shapes(path, what=WHAT) == {k: tuple(v.shape) for k, v in tensors().items()}
+
+
+def test_tensor_shapes_apply_the_same_refusals(tmp_path):
+    from core.weights import read_tensor_shapes
+    from tests.support.model_families import write_malicious_ckpt
+
+    full = tmp_path / "full.safetensors"
+    save_file(tensors(), str(full))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(full.read_bytes()[:-3])
+    with pytest.raises(IncompatibleWeightsError, match="damaged or truncated safetensors file"):
+        read_tensor_shapes(cut, what=WHAT)
+    marker = tmp_path / "ran"
+    with pytest.raises(IncompatibleWeightsError, match="refused for safety"):
+        read_tensor_shapes(write_malicious_ckpt(tmp_path / "evil.ckpt", marker, "os.system"), what=WHAT)
+    assert not marker.exists()
+    with pytest.raises(WeightsNotFoundError):
+        read_tensor_shapes(tmp_path / "missing.safetensors", what=WHAT)
+    with pytest.raises(IncompatibleWeightsError, match="unsupported file type"):
+        read_tensor_shapes(full.rename(tmp_path / "w.onnx"), what=WHAT)
