@@ -18,6 +18,7 @@ import torch
 
 from .diffusion import LATENT_SCALE
 from .errors import IncompatibleWeightsError
+from .model_family import check_supported, classify_state_dict
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -25,6 +26,31 @@ TEXT_PREFIXES = ("cond_stage_model.transformer.",)
 
 #: SD1.x UNet: 8 attention heads at every level (diffusers' ``attention_head_dim`` = heads for SD1).
 SD1_UNET_HEADS = 8
+
+
+# ------------------------------------------------------------------------------------------- checking
+def check_sd1_checkpoint(state_dict: Mapping[str, Any], source: str) -> None:
+    """The checks every single-file checkpoint passes before any module is built, in this order: the model family
+    (:func:`core.model_family.check_supported`), then the parts an SD 1.x file must hold (UNet, VAE, CLIP text
+    encoder). Reads names and shapes only, so ``state_dict`` may map names to tensors or to shapes
+    (:func:`core.weights.read_tensor_shapes`). ``source`` starts the messages, e.g. "The checkpoint 'x.safetensors'".
+
+    Raises:
+        UnsupportedModelError: another model family (named, with what to load instead).
+        IncompatibleWeightsError: an SD 1.x file without its VAE or its text encoder.
+    """
+    check_supported(classify_state_dict(state_dict), source)
+    names = [k for k in state_dict if isinstance(k, str)]
+    if not any(k.startswith(UNET_PREFIX) for k in names):  # unreachable after the family check; kept as a guard
+        raise IncompatibleWeightsError(f"{source} has no '{UNET_PREFIX}*' tensors: not an SD1.x single-file model.")
+    if not any(k.startswith(VAE_PREFIX) for k in names):
+        raise IncompatibleWeightsError(
+            f"{source} has no VAE ('{VAE_PREFIX}*' tensors): it was saved without one. Use a checkpoint with its "
+            f"VAE built in (most SD 1.x files have one; ComfyUI can pair a VAE-less file with Load VAE).")
+    if not any(k.startswith(TEXT_PREFIXES) for k in names):
+        raise IncompatibleWeightsError(
+            f"{source} has no CLIP text encoder ('{TEXT_PREFIXES[0]}*' tensors). Use a complete SD 1.x "
+            f"checkpoint (UNet, VAE and text encoder in one file).")
 
 
 # ------------------------------------------------------------------------------------------- splitting

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from .checkpoint import (
-    TEXT_PREFIXES,
     UNET_PREFIX,
     VAE_PREFIX,
+    check_sd1_checkpoint,
     kl_vae_config_from_ldm,
     split_checkpoint,
     taesd_to_diffusers,
@@ -147,13 +147,22 @@ class DiffusersBackend:
         tokenizer = load_clip_tokenizer(tokenizer_dir)
         sd = read_state_dict(checkpoint_path, what="SD1.x checkpoint")
         return cls.from_state_dict(sd, tokenizer=tokenizer, device=device, dtype=dtype, vae_dtype=vae_dtype,
-                                   source=os.fspath(checkpoint_path))
+                                   source=f"The checkpoint '{os.fspath(checkpoint_path)}'")
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], *, tokenizer, device="cpu",
                         dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
                         source: str = "state dict") -> "DiffusersBackend":
-        """Same as :meth:`from_single_file` for an in-memory single-file state dict."""
+        """Same as :meth:`from_single_file` for an in-memory single-file state dict.
+
+        The model family is checked first (:func:`core.model_family.classify_state_dict`), then the parts: an SDXL,
+        SD 2.x, inpainting … file raises UnsupportedModelError naming its family, never a missing-part message.
+        ``source`` starts the error messages (e.g. "The checkpoint 'x.safetensors'").
+
+        Raises:
+            UnsupportedModelError: not an SD 1.x ε-prediction text-to-image model.
+            IncompatibleWeightsError: an SD 1.x model without VAE or text encoder, or with tensors that do not fit.
+        """
         from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
         from diffusers.loaders.single_file_utils import (
             convert_ldm_unet_checkpoint,
@@ -161,13 +170,8 @@ class DiffusersBackend:
         )
 
         vae_dtype = dtype if vae_dtype is None else vae_dtype
+        check_sd1_checkpoint(sd, source)  # family, then parts: names only, before any module is built
         unet_sd, vae_sd, text_sd = split_checkpoint(sd)
-        if not unet_sd:
-            raise IncompatibleWeightsError(f"{source} has no '{UNET_PREFIX}*' tensors: not an SD1.x single-file model.")
-        if not vae_sd:
-            raise IncompatibleWeightsError(f"{source} has no VAE ('{VAE_PREFIX}*'); merge one into the checkpoint.")
-        if not text_sd:
-            raise IncompatibleWeightsError(f"{source} has no CLIP text encoder ('{TEXT_PREFIXES[0]}*').")
 
         unet_cfg = unet_config_from_ldm(unet_sd)
         if unet_cfg["in_channels"] != 4 or unet_cfg["out_channels"] != 4:

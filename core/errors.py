@@ -26,6 +26,16 @@ class IncompatibleWeightsError(DiffPrivacyError):
     """A weight file was found but does not match the expected architecture."""
 
 
+class UnsupportedModelError(IncompatibleWeightsError):
+    """The model is of another family than SD 1.x ε-prediction text-to-image (inpainting, SD 2.x, SDXL, SD3, Flux, a
+    LoRA …); the message names the family and what to load instead. ``family`` is the key of
+    ``core.model_family.FAMILIES``."""
+
+    def __init__(self, message: str, family: str = "unknown"):
+        super().__init__(message)
+        self.family = family
+
+
 class KeyFileError(DiffPrivacyError):
     """Base class for problems with a recovery-key file."""
 
@@ -36,6 +46,11 @@ class WrongPassphraseError(KeyFileError):
 
 class PassphraseRequiredError(KeyFileError):
     """The key file is encrypted (or must be written encrypted) and no passphrase was given."""
+
+
+class PassphraseFormatError(KeyFileError, ValueError):
+    """A passphrase for new keys starts or ends with whitespace or an invisible character (usually copied along by
+    mistake); it is refused rather than written into a key file that would need it, exactly, to open."""
 
 
 class TamperedKeyFileError(KeyFileError):

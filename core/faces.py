@@ -68,11 +68,13 @@ def check_image_size(height: int, width: int, what: str = "image") -> None:
         InvalidImageError: naming ``what`` and its size, and what to do about it.
     """
     if min(height, width) < MIN_SHORT_SIDE:
-        raise InvalidImageError(f"The {what} is {width}×{height} px; its short side must be at least "
-                                f"{MIN_SHORT_SIDE} px. Use a larger photo.")
+        raise InvalidImageError(f"The {what} is {width}×{height} px, too small to find and align a face in: its "
+                                f"short side must be at least {MIN_SHORT_SIDE} px. Use the original photo, not a "
+                                f"thumbnail or a strip cut from it.")
     if max(height, width) > MAX_LONG_SIDE:
-        raise InvalidImageError(f"The {what} is {width}×{height} px; its long side must be at most "
-                                f"{MAX_LONG_SIDE} px. Downscale it first.")
+        raise InvalidImageError(f"The {what} is {width}×{height} px; its long side may be at most {MAX_LONG_SIDE} px "
+                                f"(larger photos take too much memory to decode, align and paste back). Downscale "
+                                f"it so that no side exceeds {MAX_LONG_SIDE} px.")
 
 
 def composite_to_rgb(image: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,7 @@ class ProtectedPhoto:
         return [s for face in self.faces for s in face.scores]
 
 
-def select_faces(recognizer: FaceRecognizer, photo: torch.Tensor, selection: FaceSelection = FaceSelection(),
+def select_faces(recognizer: Optional[FaceRecognizer], photo: torch.Tensor, selection: FaceSelection = FaceSelection(),
                  reference: Optional[torch.Tensor] = None, verifiers: Sequence[Verifier] = ()) -> FacePlan:
     """Detect every face of ``photo`` [H,W,3] in [0,1] and decide for each what happens (core.selection);
     the reference modes compare each face with ``reference`` [H,W,3] under the SFace verifier when one is
@@ -204,8 +204,12 @@ def select_faces(recognizer: FaceRecognizer, photo: torch.Tensor, selection: Fac
     sims = None
     if selection.needs_reference and detections:
         judge = next((v for v in verifiers if v.name == SFaceVerifier.name), None)
-        if judge is None:
+        if judge is None and recognizer is not None:
             judge = RecognizerVerifier(recognizer, FaceCrop.official(recognizer), DEFAULT_MATCH_THRESHOLD)
+        judge = judge or next(iter(verifiers), None)
+        if judge is None:
+            raise ValueError(f"face selection {selection.mode!r} needs a face recognizer or verifier to compare "
+                             f"faces with the reference photo")
         if selection.threshold is None:
             selection = dataclasses.replace(selection, threshold=float(judge.bound))
         sims = reference_similarities(judge, photo, detections, faces.ensure_rgb(reference))

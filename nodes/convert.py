@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..core.errors import InvalidImageError
 from ..core.faces import check_image_size, composite_to_rgb
+from ..core.photo_io import check_pixel_values
 
 
 def rgb(image: torch.Tensor, what: str = "image") -> torch.Tensor:
@@ -28,14 +29,14 @@ def rgb(image: torch.Tensor, what: str = "image") -> torch.Tensor:
 
 
 def check_size(image: torch.Tensor, what: str = "image") -> None:
-    """``core.faces.check_image_size`` for IMAGE [B,H,W,C], plus finite values.
+    """``core.faces.check_image_size`` for IMAGE [B,H,W,C], plus ``core.photo_io.check_pixel_values`` (finite,
+    in [0, 1]): the CLI's policy for decoded photos, applied to what a loader node produced.
 
     Raises:
-        InvalidImageError: naming ``what``, its size and what to do about it.
+        InvalidImageError: naming ``what``, its size or value range and what to do about it.
     """
     check_image_size(int(image.shape[1]), int(image.shape[2]), what)
-    if not torch.isfinite(image).all():
-        raise InvalidImageError(f"The {what} contains NaN or infinite values.")
+    check_pixel_values(image, what)
 
 
 def to_model_image(image: torch.Tensor, what: str = "image", multiple: int = 8) -> torch.Tensor:
@@ -47,7 +48,7 @@ def to_model_image(image: torch.Tensor, what: str = "image", multiple: int = 8) 
     """
     x = rgb(image, what).float()
     check_size(x, what)
-    x = x.permute(0, 3, 1, 2)
+    x = x.clamp(0, 1).permute(0, 3, 1, 2)
     h, w = x.shape[-2:]
     h2, w2 = max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple)
     if (h2, w2) != (h, w):

@@ -8,7 +8,7 @@ from ..core.gate import check_identity_gate
 from ..core.pipeline import GUIDANCE_CROPS, ProtectOptions, face_crop_for, score_results
 from ..core.recognizers import load_recognizer, reference_embedding
 from .comfy.folders import KNOWN_RECOGNIZER_FILES, list_recognizer_files, missing_recognizer_message, recognizer_path
-from .comfy.models import to_compute_device
+from .comfy.models import check_model, check_vae, to_compute_device
 from .comfy.sampling import EXACT_SAMPLERS, PrivacyGuider
 from .convert import rgb, to_model_image
 from .schema import schema
@@ -17,6 +17,7 @@ from .types import CATEGORY, GuidanceSpec, GuidanceType, RecognizerType
 STEP_SCHEDULES = ["official", "constant"]
 #: the widgets' defaults are the core's anonymization defaults
 DEFAULTS = ProtectOptions.preset("anonymize")
+NODE = "Identity Energy Guidance"
 SOURCE = "image at Identity Energy Guidance's 'source' input"
 
 
@@ -129,6 +130,10 @@ class IdentityEnergyGuidance(io.ComfyNode):
     def execute(cls, recognizer, source, mode, step_schedule, step_scale, diversity_weight, crop,
                 gradient_target, max_grad_norm, max_identity_similarity, model=None, vae=None,
                 conditioning=None) -> io.NodeOutput:
+        if model is not None:  # the GUIDER's model: refused before any work, like MSI Invert's and the sampler's
+            check_model(model, NODE)
+        if vae is not None:
+            check_vae(vae, NODE)
         recognizer = to_compute_device(recognizer)
         src = to_model_image(source[:1], SOURCE)  # checks the size first, in the node's terms
         face_crop = face_crop_for(crop, recognizer, rgb(source[:1], SOURCE)[0].float().cpu())

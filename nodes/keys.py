@@ -11,16 +11,17 @@ from __future__ import annotations
 import errno
 import os
 import re
-import unicodedata
 from pathlib import Path
 
 from comfy_api.latest import io, ui
 
 from ..core.autograd import as_normal
 from ..core.errors import (KeyFileError, KeyFileExistsError, KeyFileLocationError, KeyMismatchError,
-                           PassphraseRequiredError, PlaintextKeyFileError, WrongPassphraseError)
+                           PassphraseFormatError, PassphraseRequiredError, PlaintextKeyFileError,
+                           WrongPassphraseError)
 from ..core.keyfile import inspect_key_file, load_photo_keys, save_keys
 from ..core.keys import PhotoKeys, PrivacyKeys, stage_conds_digest
+from ..core.passphrase import invisible_edge
 from .comfy.folders import (KEY_FILE_EXTENSION, key_file_path, keys_directory, list_key_files,
                             served_keys_folder_message)
 from .comfy.models import to_comfy_latent, to_scaled_latent
@@ -42,14 +43,6 @@ LOAD_PLAINTEXT_TOOLTIP = ("Also open UNENCRYPTED key files (saved with allow_pla
 #: names tried in a row when another save takes the next counter between the listing and the write
 SAVE_ATTEMPTS = 16
 COUNTER_DIGITS = 5
-#: Unicode categories of characters that cannot be seen at the start or end of a passphrase
-_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
-
-
-class PassphraseFormatError(KeyFileError, ValueError):
-    """Save Privacy Keys refuses a passphrase that starts or ends with whitespace or an invisible character."""
-
-
 # ------------------------------------------------------------------------------------------ passphrases
 def _env_name(value: str) -> str | None:
     """NAME of an 'env:NAME' passphrase source, None for a typed passphrase."""
@@ -80,19 +73,6 @@ def resolve_passphrase(value: str | None, node: str = LOAD_NODE) -> str | None:
     if not secret:
         raise PassphraseRequiredError(_env_problem(node, name))
     return secret
-
-
-def _describe_char(ch: str) -> str:
-    return f"U+{ord(ch):04X} {unicodedata.name(ch, 'CONTROL CHARACTER')}"
-
-
-def invisible_edge(secret: str) -> str | None:
-    """"starts with U+0020 SPACE" (or "ends with …") when ``secret`` begins or ends with whitespace or an
-    invisible character (control, format such as a zero-width space, separator); else None."""
-    for where, ch in (("starts", secret[:1]), ("ends", secret[-1:])):
-        if ch and (ch.isspace() or unicodedata.category(ch) in _INVISIBLE_CATEGORIES):
-            return f"{where} with {_describe_char(ch)}"
-    return None
 
 
 def _save_passphrase_check(passphrase: str, allow_plaintext: bool) -> tuple[type[KeyFileError], str] | None:

@@ -9,7 +9,7 @@ from ..core.diffusion import MAX_DDIM_STEPS
 from ..core.keys import KeyMetadata
 from ..core.pipeline import ProtectOptions
 from .comfy.backend import ComfyBackend, ComfyVisionEncoder
-from .comfy.models import release_memory, to_comfy_latent
+from .comfy.models import check_clip, check_model, check_vae, release_memory, to_comfy_latent
 from .comfy.progress import check_interrupt, progress_bar
 from .convert import to_model_image
 from .schema import schema
@@ -18,6 +18,7 @@ from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
 #: the widgets' defaults are the core's: faithful MSI options, the pipeline's inversion steps
 MSI_DEFAULTS = msi.MSIOptions.preset("faithful")
 INVERSION_STEPS = ProtectOptions().inversion_steps
+NODE = "MSI Invert"
 IMAGE = "image at MSI Invert's 'image' input"
 
 
@@ -69,6 +70,9 @@ class MSIInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, mode, steps, learning_rate, inversion_steps, timesteps_per_step,
                 seed, official_uint8_quirk, clip_vision=None) -> io.NodeOutput:
+        check_model(model, NODE)  # the model family first: an inpainting or SDXL MODEL never reaches the UNet
+        check_vae(vae, NODE)
+        check_clip(clip, NODE)
         if mode == "faithful" and clip_vision is None:
             raise ValueError("MSI Invert in 'faithful' mode needs a CLIP ViT-L/14 vision model: add a "
                              "Load CLIP Vision node (models/clip_vision) and connect it, or switch mode to 'lite'.")

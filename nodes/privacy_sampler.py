@@ -17,8 +17,8 @@ from ..core.pipeline import faces_still_detected, score_results
 from ..core.report import FaceEntry, PrivacyReport, draw_preview, outside_face_metrics, settings_dict
 from ..core.schedules import EmbeddingSchedule
 from .comfy.autograd import DifferentiableDecoder
-from .comfy.models import (decode_to_images, encode_image, load_models, model_fingerprint, release_memory,
-                           to_comfy_latent, to_scaled_latent)
+from .comfy.models import (check_model, check_vae, decode_to_images, encode_image, load_models, model_fingerprint,
+                           release_memory, to_comfy_latent, to_scaled_latent)
 from .comfy.sampling import run_plan_in_comfy
 from .convert import mask_batch, to_comfy_image, to_model_image
 from .embedding_scheduler import scheduled_conditioning
@@ -27,6 +27,8 @@ from .types import CATEGORY, GuidanceType, PrivacyEmbedsType, PrivacyReceipt, Re
 
 #: the widgets' defaults are the official anonymization settings (hide's are in workflows/hide.json)
 ANONYMIZE = sampling.SamplingOptions.preset("anonymize")
+NODE = "Privacy Sampler"
+RECOVER_NODE = "Recover Original"
 IMAGE = "image at Privacy Sampler's 'image' input"
 #: the report's preset label: the node's widgets are the settings (recorded in full in the report)
 REPORT_PRESET = "custom"
@@ -127,6 +129,8 @@ class PrivacySampler(io.ComfyNode):
     def execute(cls, model, vae, conditioning, guidance, steps, strength, batch_size, seed, paste_below_timestep,
                 image=None, latent=None, background_mask=None, verifiers=None, embeds=None) -> io.NodeOutput:
         started = time.monotonic()
+        check_model(model, NODE)
+        check_vae(vae, NODE)
         verifiers = tuple(verifiers or ())
         if embeds is not None:
             check_embeds_in_conditioning(embeds, conditioning)
@@ -208,6 +212,8 @@ class Recover(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, embeds, key_latent) -> io.NodeOutput:
+        check_model(model, RECOVER_NODE)
+        check_vae(vae, RECOVER_NODE)
         load_models(model)
         meta = embeds.metadata
         check_compatible(meta, model_fingerprint(model))

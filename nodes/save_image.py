@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 from comfy_api.latest import io, ui
-from PIL import Image
 
+from ..core.photo_io import encode_png
 from .comfy.outputs import output_target
 from .convert import rgb
 from .schema import schema
@@ -23,13 +22,8 @@ def _write_new(path: str, data: bytes) -> None:
 
 
 def png_bytes(image) -> bytes:
-    """One IMAGE [H,W,3] in [0,1] as PNG bytes, written by Pillow with no text chunk (no PngInfo)."""
-    from io import BytesIO
-
-    pixels = (np.clip(image.float().cpu().numpy(), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    buffer = BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=4)
-    return buffer.getvalue()
+    """One IMAGE [H,W,3] in [0,1] as PNG bytes with no metadata: ``core.photo_io.encode_png``, the CLI's writer."""
+    return encode_png(image)
 
 
 class SaveProtectedImage(io.ComfyNode):

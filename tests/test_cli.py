@@ -76,3 +76,66 @@ def test_cli_choices_equal_the_cores():
 
     assert cli.TASKS == MODES
     assert cli.GUIDANCE_CROPS == GUIDANCE_CROPS
+
+
+# ------------------------------------------------------------------------------------ argument errors
+def _setup(tmp_path):
+    """A tokenizer folder, a photo, a recognizer file, a checkpoint and a key file: names only (contents unread)."""
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for name in ("vocab.json", "merges.txt", ):
+        (tokenizer / name).write_text("{}")
+    files = {name: tmp_path / name for name in ("face.jpg", "facenet.pt", "sd15.safetensors", "old.dpkey")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    return tokenizer, files
+
+
+def _protect_args(tmp_path, **changes):
+    tokenizer, files = _setup(tmp_path)
+    args = {"--checkpoint": files["sd15.safetensors"], "--tokenizer-dir": tokenizer, "--keys": tmp_path / "new.dpkey",
+            "--recognizer": files["facenet.pt"], "--photo": files["face.jpg"], "--out": tmp_path / "out"}
+    args.update(changes)
+    return ["protect"] + [str(x) for pair in args.items() for x in pair]
+
+
+def _recover_args(tmp_path, **changes):
+    tokenizer, files = _setup(tmp_path)
+    args = {"--checkpoint": files["sd15.safetensors"], "--tokenizer-dir": tokenizer, "--keys": files["old.dpkey"],
+            "--out": tmp_path / "recovered.png"}
+    args.update(changes)
+    return ["recover"] + [str(x) for pair in args.items() for x in pair]
+
+
+@pytest.mark.parametrize("command, change, words", [
+    ("protect", {"--photo": "missing.jpg"}, "--photo 'missing.jpg': no such file"),
+    ("protect", {"--checkpoint": "nowhere/sd15.safetensors"}, "--checkpoint 'nowhere/sd15.safetensors': no such file"),
+    ("protect", {"--recognizer": "vgg.pt"}, "--recognizer 'vgg.pt': no such file"),
+    ("protect", {"--tokenizer-dir": "no-such-folder"}, "--tokenizer-dir 'no-such-folder': no such folder"),
+    ("protect", {"--keys": "EXISTING"}, "exists already; key files are never replaced"),
+    ("protect", {"--photo": "no-such-photo.jpg"}, "--photo 'no-such-photo.jpg': no such file or folder"),
+    ("recover", {"--keys": "lost.dpkey"}, "--keys 'lost.dpkey': no such file"),
+    ("recover", {"--out": "no/such/folder/face.png"}, "the folder 'no/such/folder' does not exist"),
+    ("recover", {"--out": "FOLDER"}, "is a folder; give the file name"),
+])
+def test_argument_errors_come_before_torch_as_one_line(tmp_path, command, change, words):
+    change = {flag: {"EXISTING": str(tmp_path / "old.dpkey"), "FOLDER": str(tmp_path)}.get(value, value)
+              for flag, value in change.items()}
+    argv = (_protect_args if command == "protect" else _recover_args)(tmp_path, **change)
+    result = run_cli(*argv)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("LOADED=")]
+    assert lines == [f"error: {lines[0][len('error: '):]}"] and words in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not set(loaded_modules(result)) & {"torch", "diffusers", "PIL"}
+
+
+@pytest.mark.parametrize("secret, words", [("a passphrase\n", "ends with U+000A"),
+                                           (" a passphrase", "starts with U+0020 SPACE"),
+                                           ("a passphrase\u200b", "ends with U+200B ZERO WIDTH SPACE")])
+def test_protect_refuses_a_passphrase_with_invisible_edges(tmp_path, monkeypatch, secret, words):
+    monkeypatch.setenv("DIFF_PRIVACY_PASSPHRASE", secret)
+    result = run_cli(*_protect_args(tmp_path))
+    assert result.returncode == 2 and words in result.stderr and "$DIFF_PRIVACY_PASSPHRASE" in result.stderr
+    assert "caps lock" not in result.stderr and "Traceback" not in result.stderr
+    assert not set(loaded_modules(result)) & {"torch", "diffusers"}

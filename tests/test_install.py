@@ -111,13 +111,13 @@ def test_requirements_cli_mirrors_the_cli_extra():
     includes, own = read_requirements_file(REQUIREMENTS_CLI)
     assert includes == ["requirements.txt"], includes
     cli_txt, cli_extra = by_name(own), by_name(read_pyproject_extra("cli"))
-    assert set(cli_txt) == set(cli_extra) == {"diffusers", "transformers"}
+    assert set(cli_txt) == set(cli_extra) == {"diffusers", "transformers", "tqdm"}
     for name, requirement in cli_txt.items():
         assert _same(requirement, cli_extra[name]), f"{name}: {requirement} != {cli_extra[name]}"
     assert not set(cli_extra) & set(by_name(read_pyproject_dependencies())), "the cli extra repeats a base need"
 
 
-CLI_ONLY_MODULES = ("diffusers", "transformers")
+CLI_ONLY_MODULES = ("diffusers", "transformers", "tqdm")
 
 
 def _imported_modules(path: Path, package: str) -> list[str]:

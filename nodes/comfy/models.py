@@ -14,8 +14,11 @@ import torch
 import comfy.latent_formats
 import comfy.lora
 import comfy.model_management as mm
+import comfy.model_sampling
 
+from ...core.errors import IncompatibleWeightsError, UnsupportedModelError
 from ...core.fingerprint import unet_fingerprint
+from ...core.model_family import TXT2IMG_CHANNELS, ModelFamily, check_supported
 
 
 # ----------------------------------------------------------------------------------- devices, memory
@@ -58,6 +61,108 @@ def model_sampling(model):
 def unet(model) -> torch.nn.Module:
     """The MODEL's UNet module (``BaseModel.diffusion_model``)."""
     return model.model.diffusion_model
+
+
+# ------------------------------------------------------------------------------------- model family
+#: ComfyUI's model configurations (class names in comfy/supported_models.py) → ``core.model_family`` keys. A
+#: configuration not listed takes its nearest listed base class (SSD1B and the KOALA models → SDXL); one with none
+#: is "dit" for transformer-based models and "unknown" otherwise.
+COMFY_FAMILIES = {
+    "SD15": "sd1", "SD15_instructpix2pix": "sd1-edit",
+    "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SD_X4Upscaler": "sd2", "LotusD": "sd2",
+    "SDXL": "sdxl", "SDXLRefiner": "sdxl-refiner", "SDXL_instructpix2pix": "sdxl",
+    "SD3": "sd3", "Flux": "flux", "Chroma": "flux",
+    "SVD_img2vid": "video", "Stable_Zero123": "sd1-other",
+}
+#: BaseModel attribute caching ``(family key, evidence)`` of its configuration (it never changes once loaded)
+FAMILY_CACHE_ATTRIBUTE = "_diff_privacy_family"
+#: what an SD 1.x VAE's latents have
+SD1_LATENT_CHANNELS = 4
+
+
+def _configuration_family(base) -> tuple[str, str]:
+    """(family key, evidence) of a BaseModel from ComfyUI's own detection: its configuration class and UNet
+    input channels."""
+    config = getattr(base, "model_config", None)
+    name = type(config).__name__
+    key = next((COMFY_FAMILIES[c.__name__] for c in type(config).__mro__ if c.__name__ in COMFY_FAMILIES), None)
+    unet_config = getattr(config, "unet_config", None) or {}
+    if key is None:
+        key = "unknown" if "model_channels" in unet_config else "dit"
+    in_channels = unet_config.get("in_channels", TXT2IMG_CHANNELS)
+    evidence = f"ComfyUI loaded it as {name}"
+    if key == "sd1" and in_channels != TXT2IMG_CHANNELS:
+        key = {9: "sd1-inpaint", 8: "sd1-edit"}.get(in_channels, "sd1-other")
+        evidence += f" with a UNet taking {in_channels} input channels"
+    return key, evidence
+
+
+def _prediction(sampling) -> str:
+    """What the model's sampling object predicts: "eps", "v", "edm", "x0", "flow" or "other"."""
+    ms = comfy.model_sampling
+    for cls, name in ((ms.EDM, "edm"), (ms.V_PREDICTION, "v"), (ms.X0, "x0"), (ms.EPS, "eps"), (ms.CONST, "flow")):
+        if isinstance(sampling, cls):
+            return name
+    return "other"
+
+
+def model_family(model) -> ModelFamily:
+    """The ``core.model_family`` family of a MODEL: ComfyUI's detected configuration (cached on the BaseModel) and,
+    for SD 1.x, the prediction type it samples with now (a ModelSamplingDiscrete node can switch an SD 1.x MODEL to
+    v-prediction, so that part is read on every call; it is an attribute lookup)."""
+    base = model.model
+    cached = base.__dict__.get(FAMILY_CACHE_ATTRIBUTE)
+    if cached is None:
+        cached = base.__dict__[FAMILY_CACHE_ATTRIBUTE] = _configuration_family(base)
+    key, evidence = cached
+    if key == "sd1":
+        prediction = _prediction(model_sampling(model))
+        if prediction != "eps":
+            key, evidence = ("sd1-v" if prediction == "v" else "sd1-other"), f"it samples with {prediction} prediction"
+    return ModelFamily(key, evidence)
+
+
+def check_model(model, node: str, input_name: str = "model") -> None:
+    """Refuse a MODEL that is not SD 1.x ε-prediction text-to-image, before any work (cheap).
+
+    Raises:
+        UnsupportedModelError: naming ``node``, its input, the family found and what to load instead.
+    """
+    check_supported(model_family(model), f"{node}: the MODEL at its '{input_name}' input")
+
+
+def check_vae(vae, node: str, input_name: str = "vae") -> None:
+    """Refuse a VAE without weights (what Load Checkpoint outputs for a checkpoint saved without one) or one that
+    makes other than 4-channel latents (SD3/Flux VAEs), before any work.
+
+    Raises:
+        IncompatibleWeightsError: no weights. UnsupportedModelError: another latent width. Both name ``node``,
+            the input and what to connect instead.
+    """
+    if vae is None or getattr(vae, "first_stage_model", None) is None:
+        raise IncompatibleWeightsError(
+            f"{node}: the VAE at its '{input_name}' input holds no weights: the checkpoint was saved without a VAE. "
+            f"Add a Load VAE node with an SD 1.x VAE (e.g. vae-ft-mse-840000-ema-pruned.safetensors) and connect "
+            f"it to '{input_name}'.")
+    channels = int(getattr(vae, "latent_channels", SD1_LATENT_CHANNELS))
+    if channels != SD1_LATENT_CHANNELS:
+        raise UnsupportedModelError(
+            f"{node}: the VAE at its '{input_name}' input makes {channels}-channel latents (an SD3/Flux-style VAE); "
+            f"SD 1.x uses {SD1_LATENT_CHANNELS}. Connect the VAE of the SD 1.x checkpoint (or an SD 1.x VAE from "
+            f"Load VAE).", family="unknown")
+
+
+def check_clip(clip, node: str, input_name: str = "clip") -> None:
+    """Refuse a missing text encoder (Load Checkpoint outputs none for a checkpoint saved without one).
+
+    Raises:
+        IncompatibleWeightsError: naming ``node``, the input and what to connect instead.
+    """
+    if clip is None:
+        raise IncompatibleWeightsError(
+            f"{node}: no text encoder reaches its '{input_name}' input: the checkpoint was saved without one. Add a "
+            f"Load CLIP node (type stable_diffusion) with SD 1.x's CLIP ViT-L/14 text encoder and connect it to "
+            f"'{input_name}'.")
 
 
 #: BaseModel attribute holding ``{patches_uuid: fingerprint}`` (one entry per set of weight patches)

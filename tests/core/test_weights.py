@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -153,15 +154,122 @@ def test_truncated_files(tmp_path, kind):
             read_state_dict(path, what=WHAT)
         message = str(info.value)
         assert str(path) in message and WHAT in message, cut
-        assert ("safetensors" if kind == "safetensors" else "PyTorch checkpoint") in message, cut
+        assert ("safetensors file" if kind == "safetensors" else "PyTorch checkpoint") in message, cut
+        if cut >= 20:  # a few bytes are too little to tell a truncated checkpoint from another file
+            assert "damaged or truncated" in message, cut
 
 
 def test_garbage_files(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"this is not a weight file")
-    with pytest.raises(IncompatibleWeightsError, match="not a readable safetensors file"):
+    with pytest.raises(IncompatibleWeightsError, match="is not a safetensors file"):
         read_state_dict(junk, what=WHAT)
     junk_pt = tmp_path / "junk.pth"
     junk_pt.write_bytes(b"\x00\x01garbage")
     with pytest.raises(IncompatibleWeightsError, match="junk.pth"):
         read_state_dict(junk_pt, what=WHAT)
+
+
+# ------------------------------------------------------------------------------------------ legacy .ckpt files
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-format"])
+def test_lightning_checkpoints_of_the_original_releases_are_read(tmp_path, zip_format):
+    """The original SD 1.x .ckpt layout: weights under state_dict next to Lightning's callback state (its class as a
+    dict key, a numpy 1.x float64 score), optimizer and scheduler states. The weights come back; nothing else."""
+    from tests.support.model_families import write_lightning_ckpt
+
+    path = write_lightning_ckpt(tmp_path / "sd-v1-4.ckpt", tensors(), zip_format=zip_format)
+    raw = path.read_bytes()
+    assert b"pytorch_lightning.callbacks.model_checkpoint" in raw and b"numpy.core.multiarray" in raw
+    assert_same(read_state_dict(path, what=WHAT), tensors())
+
+
+def test_the_legacy_globals_build_numbers_only():
+    from core.weights import LEGACY_CHECKPOINT_GLOBALS, LightningCallbackState
+
+    names = {name for _, name in LEGACY_CHECKPOINT_GLOBALS}
+    assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in names
+    assert not [name for name in names if name.startswith(("builtins", "os", "posix", "subprocess", "torch"))]
+    scalar = dict((name, obj) for obj, name in LEGACY_CHECKPOINT_GLOBALS)["numpy.core.multiarray.scalar"]
+    assert scalar(np.dtype("f8"), np.float64(0.25).tobytes()) == 0.25
+    with pytest.raises(pickle.UnpicklingError):
+        scalar(np.dtype("O"), b"\x00" * 8)  # an object "scalar" is an arbitrary Python object
+    dtype = dict((name, obj) for obj, name in LEGACY_CHECKPOINT_GLOBALS)["numpy.dtype"]
+    for spec in ("O", "U8", "V16"):
+        with pytest.raises(pickle.UnpicklingError):
+            dtype(spec, False, True)
+    assert LightningCallbackState().__dict__ == {}
+
+
+@pytest.mark.parametrize("how", ["os.system", "eval"])
+def test_code_in_a_checkpoint_never_runs(tmp_path, how):
+    from tests.support.model_families import write_malicious_ckpt
+
+    marker = tmp_path / "the-payload-ran"
+    path = write_malicious_ckpt(tmp_path / "evil.ckpt", marker, how)
+    assert how.split(".")[-1].encode() in path.read_bytes()  # the payload is in the file
+    with pytest.raises(IncompatibleWeightsError, match="refused for safety") as info:
+        read_state_dict(path, what=WHAT)
+    assert not marker.exists()
+    assert "weights_only=False" not in str(info.value)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda data: data[:-10], ["is a damaged or truncated safetensors file", "the file is truncated"]),
+    (lambda data: data[: len(data) // 2], ["damaged or truncated", "the file is truncated"]),
+    (lambda data: data[:30], ["damaged or truncated", "inside its", "header"]),
+    (lambda data: data + b"\x00" * 17, ["is a damaged or truncated safetensors file", "17 extra bytes"]),
+    (lambda data: data + data, ["damaged or truncated", "extra bytes"]),
+    (lambda data: b"<!DOCTYPE html><html>Not Found</html>", ["is not a safetensors file"]),
+])
+def test_damaged_safetensors_say_what_is_wrong(tmp_path, change, words):
+    full = tmp_path / "full.safetensors"
+    save_file(tensors(), str(full))
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(change(full.read_bytes()))
+    with pytest.raises(IncompatibleWeightsError) as info:
+        read_state_dict(path, what="SD1.x checkpoint")
+    message = str(info.value)
+    assert f"The SD1.x checkpoint '{path}'" in message
+    for word in words:
+        assert word in message
+    assert "SafetensorError" not in message and "incomplete metadata" not in message
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.sft", "w.pt", "legacy.ckpt"])
+def test_tensor_shapes_without_reading_the_data(tmp_path, name, monkeypatch):
+    from core.weights import read_tensor_shapes
+
+    path = tmp_path / name
+    if path.suffix in (".safetensors", ".sft"):
+        save_file(tensors(), str(path))
+        import safetensors.torch
+
+        # the header is enough: the tensor loader is never called
+        monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("tensor data was read"))
+    elif name == "legacy.ckpt":
+        from tests.support.model_families import write_lightning_ckpt
+
+        write_lightning_ckpt(path, tensors(), zip_format=False)
+    else:
+        torch.save(tensors(), path)
+    assert read_tensor_shapes(path, what=WHAT) == {k: tuple(v.shape) for k, v in tensors().items()}
+
+
+def test_tensor_shapes_apply_the_same_refusals(tmp_path):
+    from core.weights import read_tensor_shapes
+    from tests.support.model_families import write_malicious_ckpt
+
+    full = tmp_path / "full.safetensors"
+    save_file(tensors(), str(full))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(full.read_bytes()[:-3])
+    with pytest.raises(IncompatibleWeightsError, match="damaged or truncated safetensors file"):
+        read_tensor_shapes(cut, what=WHAT)
+    marker = tmp_path / "ran"
+    with pytest.raises(IncompatibleWeightsError, match="refused for safety"):
+        read_tensor_shapes(write_malicious_ckpt(tmp_path / "evil.ckpt", marker, "os.system"), what=WHAT)
+    assert not marker.exists()
+    with pytest.raises(WeightsNotFoundError):
+        read_tensor_shapes(tmp_path / "missing.safetensors", what=WHAT)
+    with pytest.raises(IncompatibleWeightsError, match="unsupported file type"):
+        read_tensor_shapes(full.rename(tmp_path / "w.onnx"), what=WHAT)
