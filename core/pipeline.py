@@ -147,12 +147,14 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class ProtectedFace:
-    """One protected face: its 1-based number (reading order), alignment, the B generated aligned crops
+    """One protected face: its 1-based number (reading order), detection box (photo pixels), alignment, the B
+    generated aligned crops
     [B,S,S,3] in [0,1] (seam colour matched, as pasted), its keys (key-E + key-I, secret), the guiding
     recognizer's cosine of each result to the source [B], every identity score the gate passed, and whether a
     face is still detected in each result."""
 
     number: int
+    box: tuple[float, float, float, float]
     aligned: faces.AlignedFace
     crops: torch.Tensor
     keys: PrivacyKeys
@@ -161,11 +163,10 @@ class ProtectedFace:
     face_detected: list[bool]
 
     def geometry(self) -> FaceGeometry:
+        """Where this face sits in its photo, for the whole-photo keys."""
         a = self.aligned
         return FaceGeometry(number=self.number, box=self.box, matrix=a.matrix.tolist(), crop_size=a.size,
                             photo_size=a.source_size, quad=a.quad.tolist())
-
-    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -217,13 +218,15 @@ def select_faces(recognizer: Optional[FaceRecognizer], photo: torch.Tensor, sele
 
 
 def protect_face(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned: faces.AlignedFace,
-                 options: ProtectOptions, *, number: int = 1, verifiers: Sequence[Verifier] = (),
+                 options: ProtectOptions, *, number: int = 1, box: Optional[tuple[float, float, float, float]] = None,
+                 verifiers: Sequence[Verifier] = (),
                  vision: Optional[VisionEncoder] = None, progress: Optional[Progress] = None,
                  cancel: Callable[[], None] | None = None) -> ProtectedFace:
     """The full method on one aligned face: MSI, key-I inversion, guided sampling with the face's own source
     embedding, decode, identity gate (guiding recognizer and every verifier).
 
-    ``progress(stage, step, total)`` with stage "msi", "inversion" or "sampling".
+    ``progress(stage, step, total)`` with stage "msi", "inversion" or "sampling". ``number`` and ``box`` (default:
+    the bounding box of the aligned square) identify the face in its photo.
 
     Raises:
         ProtectionFailedError: the gate failed for this face (the message names face ``number``).
@@ -260,7 +263,10 @@ def protect_face(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned:
     keys = PrivacyKeys(fit.stage_tokens.detach().cpu(), fit.stage_conds.detach().cpu(), z_T.detach().cpu(),
                        KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=options.inversion_steps,
                                    schedule="recover", msi_mode=options.msi.mode, image_size=(size, size)))
-    return ProtectedFace(number, aligned, crops, keys, similarities.detach().cpu(), scores,
+    if box is None:
+        (x0, y0), (x1, y1) = aligned.quad.min(axis=0), aligned.quad.max(axis=0)
+        box = (float(x0), float(y0), float(x1), float(y1))
+    return ProtectedFace(number, tuple(box), aligned, crops, keys, similarities.detach().cpu(), scores,
                          faces_still_detected(crops, verifiers))
 
 
@@ -294,15 +300,14 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
         face_progress = None if progress is None else (lambda stage, step, total, label=label:
                                                        progress(f"{label}: {stage}", step, total))
         aligned = faces.align_face(photo, planned.detection, size=options.size)
-        face = protect_face(backend, recognizer, aligned, options, number=planned.number, verifiers=verifiers,
-                            vision=vision, progress=face_progress, cancel=cancel)
-        face.box = planned.box
-        protected.append(face)
+        protected.append(protect_face(backend, recognizer, aligned, options, number=planned.number,
+                                      box=planned.box, verifiers=verifiers, vision=vision, progress=face_progress,
+                                      cancel=cancel))
     base = photo
     changed = torch.zeros(photo.shape[:2])
     for planned in plan.with_action("fallback"):
         aligned = faces.align_face(photo, planned.detection, size=64)
-        base = faces.obscure_face(base, aligned, selection.fallback if selection.fallback != "fail" else "fill")
+        base = faces.obscure_face(base, aligned, plan.fallback)
         changed = torch.maximum(changed, faces.source_mask(aligned))
     batch = options.sampling.batch_size
     photos = base.unsqueeze(0).repeat(batch, 1, 1, 1)

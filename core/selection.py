@@ -132,10 +132,12 @@ class PlannedFace:
 
 @dataclass(frozen=True)
 class FacePlan:
-    """Every detected face of one photo with its decision, in reading order."""
+    """Every detected face of one photo with its decision, in reading order, and how faces marked "fallback" are
+    obscured ("blur" or "fill"; "fail" when the selection chose no fallback)."""
 
     faces: tuple[PlannedFace, ...]
     photo_size: tuple[int, int]
+    fallback: str = "fail"
 
     def with_action(self, action: str) -> list[PlannedFace]:
         return [f for f in self.faces if f.action == action]
@@ -213,7 +215,7 @@ def plan_faces(photo: torch.Tensor, selection: FaceSelection = FaceSelection(), 
             planned.append(PlannedFace(number, detection, action, problem, sim))
         else:
             planned.append(PlannedFace(number, detection, "protect", "", sim))
-    plan = FacePlan(tuple(planned), size)
+    plan = FacePlan(tuple(planned), size, selection.fallback)
     missing = [n for n in selection.numbers if n > len(ordered)] if selection.mode == "index" else []
     if missing:
         raise NoFaceSelectedError(
