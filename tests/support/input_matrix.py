@@ -76,10 +76,11 @@ def refused(error: str, *words: str) -> Outcome:
 @dataclass(frozen=True)
 class Row:
     """One kind of input. ``make(folder)`` writes it and returns its path. ``expect`` is the CLI's outcome and the
-    nodes' too unless ``nodes`` is given (its own words; another error class needs ``why``). ``reference(folder)`` gives the upright uint8
-    pixels a decoded photo must equal (``tolerance`` in 8-bit steps, mean absolute); ``detect`` runs the face
-    detector on the decoded photo (once per distinct picture). ``nodes_input`` describes what the nodes get when it
-    is not the same file (e.g. a MODEL built by ComfyUI itself). ``server`` rows also run through the real server."""
+    nodes' too unless ``nodes`` is given (its own words; another error class needs ``why``). ``reference()`` gives
+    the upright uint8 pixels a decoded photo must equal (``tolerance``: mean absolute error in 8-bit steps), and
+    ``nodes_reference()`` what Load Image gives when that differs; ``detect`` runs the face detector and alignment
+    on the decoded photo. ``nodes_input`` describes what the nodes get when it is not the same file (e.g. a MODEL
+    built by ComfyUI itself). ``server`` rows also run through the real server."""
 
     id: str
     group: str
@@ -196,7 +197,8 @@ def _alpha_disc(gray: bool) -> tuple[bytes, np.ndarray, np.ndarray]:
 def _gif_animation() -> bytes:
     from PIL import Image
 
-    frames = [Image.fromarray(ref256()).quantize(255), Image.fromarray(_resized(photos.coffee(), 256, 256)).quantize(255)]
+    frames = [Image.fromarray(ref256()).quantize(255),
+              Image.fromarray(_resized(photos.coffee(), 256, 256)).quantize(255)]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     return buffer.getvalue()
@@ -359,8 +361,8 @@ CHECKPOINT_ROWS: list[Row] = [
         in_channels=8, text=False)), _family("sd1-edit", "instruct-pix2pix")),
     Row("sd15-v-prediction", "v-prediction", "checkpoint", _ckpt("sd15_vpred.safetensors", lambda: mf.sd1(
         v_pred=True, text=False)), _family("sd1-v", "v-prediction"), paths=("cli",),
-        why="ComfyUI reads every SD 1.x file as ε-prediction whatever marker it carries, so a MODEL from it samples as "
-            "ε; the nodes refuse the MODEL once a ModelSamplingDiscrete node switches it to v_prediction (row "
+        why="ComfyUI reads every SD 1.x file as ε-prediction whatever marker it carries, so a MODEL from it samples "
+            "as ε; the nodes refuse the MODEL once a ModelSamplingDiscrete node switches it to v_prediction (row "
             "sd15-model-sampling-v)."),
     Row("sd15-model-sampling-v", "v-prediction", "checkpoint", _ckpt("sd15_for_vpatch.safetensors", lambda: mf.sd1(
         text=False)), _family("sd1-v", "v-prediction"), paths=("nodes",),
@@ -497,11 +499,17 @@ KEYFILE_ROWS: list[Row] = [
     Row("key-intact", "key-file-ok", "keyfile", _key("intact.dpkey"), WORKS),
     Row("key-magic-changed", "key-file-foreign", "keyfile", _key("magic.dpkey", _flip("magic")),
         refused("ForeignKeyFileError", "not a Diff-Privacy key file")),
-    Row("key-version-newer", "key-file-foreign", "keyfile", _key("version.dpkey", lambda d, r: d[:13] + b"\x07" + d[14:]),
+    Row("key-version-newer", "key-file-foreign", "keyfile", _key("version.dpkey",
+                                                                 lambda d, r: d[:13] + b"\x07" + d[14:]),
         refused("ForeignKeyFileError", "version 7", "Update")),
-    Row("key-length-changed", "key-file-damaged", "keyfile", _key("length.dpkey", lambda d, r: d[:17] + bytes([d[17] ^ 1]) + d[18:]),
+    Row("key-version-older", "key-file-tampered", "keyfile", _key("version1.dpkey",
+                                                                  lambda d, r: d[:13] + b"\x01" + d[14:]),
+        refused("TamperedKeyFileError", "header version does not match")),
+    Row("key-length-changed", "key-file-damaged", "keyfile", _key("length.dpkey",
+                                                                  lambda d, r: d[:17] + bytes([d[17] ^ 1]) + d[18:]),
         DAMAGED_HEADER),
-    Row("key-length-implausible", "key-file-tampered", "keyfile", _key("length2.dpkey", lambda d, r: d[:14] + b"\xff" * 4 + d[18:]),
+    Row("key-length-implausible", "key-file-tampered", "keyfile", _key("length2.dpkey",
+                                                                       lambda d, r: d[:14] + b"\xff" * 4 + d[18:]),
         refused("TamperedKeyFileError", "implausible header length")),
     Row("key-header-salt-changed", "key-file-damaged", "keyfile", _key("salt.dpkey", _flip("header")), DAMAGED_HEADER,
         server=True),
@@ -515,7 +523,7 @@ KEYFILE_ROWS: list[Row] = [
         refused("TamperedKeyFileError", "1 unexpected bytes after the payload")),
     *[Row(f"key-cut-in-{region}", "key-file-truncated", "keyfile", _key(f"cut_{region}.dpkey", _cut(region)),
           TRUNCATED, server=region == "ciphertext")
-      for region in ("version", "length", "header", "check", "ciphertext", "tag")],
+      for region in ("magic", "version", "length", "header", "check", "ciphertext", "tag")],
     Row("key-empty-file", "key-file-foreign", "keyfile", _write("empty.dpkey", b""),
         refused("ForeignKeyFileError", "empty")),
     Row("key-png-renamed", "key-file-foreign", "keyfile",
