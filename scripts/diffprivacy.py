@@ -20,9 +20,10 @@ comfy/sd1_tokenizer. Weights are only read from the given files; nothing is down
 .safetensors/.sft or legacy .ckpt/.pt files (read without running any code they hold).
 
 Everything that can be checked without the models is checked first, in this order, and reported as one line
-with exit status 2: the files and folders named on the command line, the passphrase, the photo (decoded and
-size-checked), then the checkpoint (damaged file, model family, missing VAE or text encoder, read from its
-header). Only then do the models load.
+with exit status 2: the files and folders named on the command line and a passphrase in $DIFF_PRIVACY_PASSPHRASE
+(before torch is imported), the photo (decoded and size-checked), the checkpoint (damaged file, model family,
+missing VAE or text encoder, read from its header), a typed passphrase and, for recover, the key file (decrypted).
+Only then do the models load.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import comfy.model_sampling
 
 from ...core.errors import IncompatibleWeightsError, UnsupportedModelError
 from ...core.fingerprint import unet_fingerprint
-from ...core.model_family import TXT2IMG_CHANNELS, ModelFamily, check_supported
+from ...core.model_family import EDIT_CHANNELS, INPAINT_CHANNELS, TXT2IMG_CHANNELS, ModelFamily, check_supported
 
 
 # ----------------------------------------------------------------------------------- devices, memory
@@ -91,9 +91,11 @@ def _configuration_family(base) -> tuple[str, str]:
         key = "unknown" if "model_channels" in unet_config else "dit"
     in_channels = unet_config.get("in_channels", TXT2IMG_CHANNELS)
     evidence = f"ComfyUI loaded it as {name}"
-    if key == "sd1" and in_channels != TXT2IMG_CHANNELS:
-        key = {9: "sd1-inpaint", 8: "sd1-edit"}.get(in_channels, "sd1-other")
-        evidence += f" with a UNet taking {in_channels} input channels"
+    if in_channels != TXT2IMG_CHANNELS and "model_channels" in unet_config:  # a UNet with extra input channels
+        variant = {INPAINT_CHANNELS: " (inpainting)", EDIT_CHANNELS: " (instruct-pix2pix)"}.get(in_channels, "")
+        evidence += f" with a UNet taking {in_channels} input channels{variant}"
+        if key == "sd1":
+            key = {INPAINT_CHANNELS: "sd1-inpaint", EDIT_CHANNELS: "sd1-edit"}.get(in_channels, "sd1-other")
     return key, evidence
 
 

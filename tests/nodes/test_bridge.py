@@ -166,6 +166,13 @@ def test_image_conversions(loaded):
         convert.to_model_image(torch.zeros(1, 32, 48, 3), "photo at Face Align's 'image' input")
     assert "Face Align's 'image' input is 48×32 px" in str(err.value)
     assert "use Face Align" not in str(err.value).lower()
+    # floats from 16-bit data keep their precision; unscaled 16-bit values are refused, naming the input
+    sixteen = torch.arange(64 * 64 * 3, dtype=torch.float32).reshape(1, 64, 64, 3) % 65536 / 65535
+    torch.testing.assert_close(convert.to_model_image(sixteen), sixteen.permute(0, 3, 1, 2) * 2 - 1)
+    with pytest.raises(Exception) as err:
+        convert.to_model_image(sixteen * 65535, "photo at Face Align's 'image' input")
+    assert type(err.value).__name__ == "InvalidImageError"
+    assert "Face Align's 'image' input has values from 0 to 1.229e+04" in str(err.value)
 
 
 def test_gradient_checkpointing_keeps_the_gradient_and_is_removed(loaded):

@@ -52,11 +52,14 @@ def sd1(*, in_channels: int = 4, vae: bool = True, text: bool = True, model_chan
     return s
 
 
-def sd2(*, in_channels: int = 4, model_channels: int = 320) -> dict[str, tuple]:
-    """SD 2.x: UNet with 1024-wide cross-attention and linear projections, OpenCLIP ViT-H text tensors."""
+def sd2(*, in_channels: int = 4, model_channels: int = 320, text: bool = True) -> dict[str, tuple]:
+    """SD 2.x: UNet with 1024-wide cross-attention and linear projections, OpenCLIP ViT-H text tensors (a few, with a
+    tiny vocabulary: ComfyUI cannot build a text encoder from them, so files loaded by ComfyUI leave them out)."""
     unet = td.ldm_unet_shapes(model_channels=model_channels, in_channels=in_channels, context_dim=1024)
     s = _prefixed(U, _linear_projections(unet))
     s.update(_prefixed(VAE, td.taesd_shapes()))
+    if not text:
+        return s
     s.update({"cond_stage_model.model.token_embedding.weight": (8, 1024),
               "cond_stage_model.model.positional_embedding": (77, 1024),
               "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024),
