@@ -126,7 +126,7 @@ def test_key_file_rows_through_the_cli(cli, tmp_path, row):
     try:
         keys = cli.open_keys(str(path), secret, f"${cli.PASSPHRASE_ENV}")
         got = (None, "")
-        assert keys.z_T.shape == (1, 4, 8, 8)
+        assert len(keys.faces) == 1 and keys.faces[0].z_T.shape == (1, 4, 8, 8)
     except Exception as exc:  # noqa: BLE001
         got = outcome_of(exc)
     assert_outcome(row, "cli", got)

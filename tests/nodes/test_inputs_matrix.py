@@ -225,7 +225,7 @@ def test_key_file_rows_through_the_nodes(comfy_inprocess, row):
     try:
         keys = keys_node.open_key_file(name, row.extra.get("passphrase", im.KEY_PASSPHRASE), False)
         got = (None, "")
-        assert keys.z_T.shape == (1, 4, 8, 8)
+        assert len(keys.faces) == 1 and keys.faces[0].z_T.shape == (1, 4, 8, 8)
     except Exception as exc:  # noqa: BLE001
         got = outcome_of(exc)
     assert_outcome(row, "nodes", got)
