@@ -56,13 +56,16 @@ _DETECTIONS: dict[str, tuple[str | None, str]] = {}
 
 
 def detect_once(photo: torch.Tensor) -> tuple[str | None, str]:
-    """The pipeline's first steps on a decoded photo — one face, aligned — once per distinct picture."""
+    """The pipeline's first steps on a decoded photo — every face found and planned (core.pipeline.select_faces,
+    the default selection: all faces, no fallback), each one to protect aligned — once per distinct picture."""
     from core import faces
+    from core.pipeline import select_faces
 
     key = hashlib.sha256(photo.numpy().tobytes()).hexdigest() + str(tuple(photo.shape))
     if key not in _DETECTIONS:
         try:
-            faces.align_face(photo, faces.single_face(photo), size=64)
+            for face in select_faces(None, photo).with_action("protect"):
+                faces.align_face(photo, face.detection, size=64)
             _DETECTIONS[key] = (None, "")
         except Exception as exc:  # noqa: BLE001 - the outcome is what is recorded
             _DETECTIONS[key] = outcome_of(exc)
