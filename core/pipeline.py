@@ -30,6 +30,8 @@ from .verifiers import SFaceVerifier, Verifier
 
 #: How the guiding recognizer sees a face (:func:`face_crop_for`); "official" is the release's choice.
 GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
+#: key-I inversion steps of the "fast" preset (recovery then runs as many); the release: 50
+FAST_INVERSION_STEPS = 25
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class ProtectOptions:
         max_identity_similarity: anonymize fails closed if any result's cosine to the source exceeds it, in
             [−1, 1] (1 disables the check).
         keep_background: paste the source background back for t < 300 (anonymize only, as the release).
-        label: the preset's name, for the privacy report ("custom" unless made by :meth:`preset`).
+        label: the preset's name, for the privacy report ("custom" unless made by :meth:`preset`, which
+            records its speed: "paper", "default" or "fast").
 
     Raises:
         ValueError: on a value outside those ranges (when constructed).
@@ -81,19 +84,31 @@ class ProtectOptions:
             object.__setattr__(self, "sampling", SamplingOptions.preset(self.task))
 
     @classmethod
-    def preset(cls, task: str = "anonymize", **overrides: Any) -> "ProtectOptions":
-        """The task's defaults with ``overrides`` applied; ``sampling`` may also be given as a dict of
-        overrides on the task's sampling preset (e.g. ``sampling={"steps": 20}``)."""
+    def preset(cls, task: str = "anonymize", speed: str = "default", **overrides: Any) -> "ProtectOptions":
+        """The task's settings at ``speed`` with ``overrides`` applied; ``sampling`` may also be given as a dict
+        of overrides on the task's sampling preset (e.g. ``sampling={"steps": 20}``).
+
+        speed (:data:`core.msi.SPEEDS`, recorded as the report's preset): "paper" runs lite MSI's 1500
+        timesteps one per step in fp32 and the official sampler; "default" the same timesteps four per step
+        (:func:`core.msi.recipe`) and the official sampler; "fast" 480 timesteps eight per step with a cosine
+        learning rate, half the DDIM grid (:data:`core.sampling.FAST_SAMPLING_PRESETS`) with the step sizes
+        scaled by the ratio of guided steps (official/fast = 2) and 25 inversion steps. The identity gate
+        judges every result whatever the speed (docs/method.md §8.8).
+        """
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        sampling = SamplingOptions.preset(task, speed)
         sampling_overrides = overrides.pop("sampling", None)
         if isinstance(sampling_overrides, dict):
-            base = SamplingOptions.preset(task) if task in TASKS else None
-            if base is None:
-                raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-            overrides["sampling"] = dataclasses.replace(base, **sampling_overrides)
+            overrides["sampling"] = dataclasses.replace(sampling, **sampling_overrides)
         elif sampling_overrides is not None:
             overrides["sampling"] = sampling_overrides
-        overrides.setdefault("label", "default")
-        return cls(task=task, **overrides)
+        fast = speed == "fast"
+        official = SamplingOptions.preset(task).denoising_steps
+        defaults = {"msi": MSIOptions.preset("lite", speed), "sampling": sampling, "label": speed,
+                    "inversion_steps": FAST_INVERSION_STEPS if fast else cls.inversion_steps,
+                    "step_scale": official / sampling.denoising_steps if fast else cls.step_scale}
+        return cls(task=task, **{**defaults, **overrides})
 
 
 def face_crop_for(mode: str, recognizer: FaceRecognizer, source: torch.Tensor) -> FaceCrop:
