@@ -30,8 +30,6 @@ from .verifiers import SFaceVerifier, Verifier
 
 #: How the guiding recognizer sees a face (:func:`face_crop_for`); "official" is the release's choice.
 GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
-#: key-I inversion steps of the "fast" preset (recovery then runs as many); the release: 50
-FAST_INVERSION_STEPS = 25
 
 
 @dataclass(frozen=True)
@@ -92,8 +90,9 @@ class ProtectOptions:
         timesteps one per step in fp32 and the official sampler; "default" the same timesteps four per step
         (:func:`core.msi.recipe`) and the official sampler; "fast" 480 timesteps eight per step with a cosine
         learning rate, half the DDIM grid (:data:`core.sampling.FAST_SAMPLING_PRESETS`) with the step sizes
-        scaled by the ratio of guided steps (official/fast = 2) and 25 inversion steps. The identity gate
-        judges every result whatever the speed (docs/method.md §8.8).
+        scaled by the ratio of guided steps (official/fast = 2). Every speed inverts with 50 steps (on the toy
+        model 25 doubled the recovery error). The identity gate judges every result whatever the speed
+        (docs/method.md §8.8).
         """
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -106,7 +105,6 @@ class ProtectOptions:
         fast = speed == "fast"
         official = SamplingOptions.preset(task).denoising_steps
         defaults = {"msi": MSIOptions.preset("lite", speed), "sampling": sampling, "label": speed,
-                    "inversion_steps": FAST_INVERSION_STEPS if fast else cls.inversion_steps,
                     "step_scale": official / sampling.denoising_steps if fast else cls.step_scale}
         return cls(task=task, **{**defaults, **overrides})
 

@@ -204,7 +204,7 @@ def parser() -> argparse.ArgumentParser:
                         "MSI timesteps 4 per step; fast = fewer MSI timesteps and half the sampling grid (every "
                         "result still passes the identity gate)")
     p.add_argument("--msi-steps", type=int)
-    p.add_argument("--inversion-steps", type=int, help="DDIM steps of key-I (preset: 50; fast: 25)")
+    p.add_argument("--inversion-steps", type=int, help="DDIM steps of key-I (default 50)")
     p.add_argument("--steps", type=int, help="DDIM grid (preset: 50 anonymize, 100 hide)")
     p.add_argument("--strength", type=float)
     p.add_argument("--batch-size", type=int)
