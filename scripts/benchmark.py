@@ -527,30 +527,41 @@ def comfyui_section(args) -> list[dict]:
             timer.start()
             sampling.ddim_invert(backend, z0, conds, args.loop_steps + args.warmup, progress=timer)
             return median_ms(timer.step_seconds(args.warmup))
-        row("MSI Invert's inversion step", inversion(OldInversionPath()), inversion(trainable), "ms/step",
+        old_path, times = OldInversionPath(), ([], [])
+        for _ in range(args.rounds):
+            times[0].append(inversion(old_path))
+            times[1].append(inversion(trainable))
+        row("MSI Invert's inversion step", statistics.median(times[0]), statistics.median(times[1]), "ms/step",
             "plain MODEL instead of the grad-ready clone")
 
         image = torch.rand(1, 3, args.size, args.size, generator=g) * 2 - 1
 
-        def msi_step_ms():
-            timer = StepTimer(device)
-            timer.start()
-            with autograd.normal_tensors():
-                msi.train_msi(trainable, image, msi.MSIOptions.preset("lite", "paper", steps=args.msi_steps + args.warmup,
-                                                                      grad_checkpointing=False), progress=timer)
-            return median_ms(timer.step_seconds(args.warmup))
-        optimised_ms = msi_step_ms()
         wrapped = [m for m in trainable.model.model.modules() if getattr(m, "weight_function", None)]
-        saved = [(m, list(m.weight_function), list(m.bias_function)) for m in wrapped]
-        try:
-            for m in wrapped:
-                m.weight_function = [lambda w: w.clone()]
-                m.bias_function = [lambda b: b.clone()] if m.bias_function else []
-            reference_ms = msi_step_ms()
-        finally:
-            for m, wf, bf in saved:
-                m.weight_function, m.bias_function = wf, bf
-        row("MSI step through the trainable UNet", reference_ms, optimised_ms, "ms/step",
+
+        def msi_steps(clone_every_weight: bool) -> list[float]:
+            """MSI steps through the trainable UNet; the reference hands every op a clone of its weight, as the
+            weight wrapper did before (on top of ComfyUI's own copy)."""
+            saved = [(m, list(m.weight_function), list(m.bias_function)) for m in wrapped]
+            try:
+                if clone_every_weight:
+                    for m in wrapped:
+                        m.weight_function = [lambda w: w.clone()]
+                        m.bias_function = [lambda b: b.clone()] if m.bias_function else []
+                timer = StepTimer(device)
+                timer.start()
+                with autograd.normal_tensors():
+                    msi.train_msi(trainable, image, msi.MSIOptions.preset(
+                        "lite", "paper", steps=args.msi_steps + args.warmup, grad_checkpointing=False), progress=timer)
+                return timer.step_seconds(args.warmup)
+            finally:
+                for m, wf, bf in saved:
+                    m.weight_function, m.bias_function = wf, bf
+
+        reference_steps, optimised_steps = [], []
+        for _ in range(args.rounds):  # alternating, as compare() does
+            reference_steps += msi_steps(True)
+            optimised_steps += msi_steps(False)
+        row("MSI step through the trainable UNet", median_ms(reference_steps), median_ms(optimised_steps), "ms/step",
             "ComfyUI's weight copy used as is (no second clone)")
 
         recognizer = ToyRecognizer(seed=1)
