@@ -39,6 +39,7 @@ from .checkpoint import (
 from .diffusion import LATENT_SCALE
 from .errors import IncompatibleWeightsError, InvalidImageError, WeightsNotFoundError
 from .fingerprint import text_encoder_fingerprint, unet_fingerprint
+from .speed import GuardedCompile
 from .text_encoder import CLIPTextEncoder, PlaceholderConditioner
 from .weights import read_state_dict
 
@@ -119,8 +120,10 @@ class DiffusersBackend:
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_model: CLIPTextEncoder, tokenizer, *, vae_kind: str,
                  device, dtype: torch.dtype, vae_dtype: torch.dtype, fingerprint: str, text_fingerprint: str,
-                 taesd_scale: float = LATENT_SCALE, taesd_shift: float = 0.0):
+                 taesd_scale: float = LATENT_SCALE, taesd_shift: float = 0.0, compile_unet: str = "off"):
         self.unet, self.vae, self.text_model, self.tokenizer = unet, vae, text_model, tokenizer
+        # the UNet call of predict_eps: compiled on CUDA when asked and when it works, eager otherwise
+        self._unet_call = GuardedCompile(unet, device, compile_unet)
         self.vae_kind = vae_kind
         self.device = torch.device(device)
         self.dtype, self.vae_dtype = dtype, vae_dtype
@@ -137,27 +140,29 @@ class DiffusersBackend:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_single_file(cls, checkpoint_path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike,
-                         device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None
-                         ) -> "DiffusersBackend":
+                         device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+                         compile_unet: str = "off") -> "DiffusersBackend":
         """Load an SD1.x single-file checkpoint (LDM key layout) with KL or TAESD VAE.
 
         ``dtype`` is the UNet compute dtype, ``vae_dtype`` the VAE's (default ``dtype``); the text encoder runs
-        in float32 (its sizes are read off the checkpoint).
+        in float32 (its sizes are read off the checkpoint). ``compile_unet`` "on"/"auto" compiles the UNet step
+        on CUDA (:class:`core.speed.GuardedCompile`: off with one log line where it cannot), "off" never does.
         """
         tokenizer = load_clip_tokenizer(tokenizer_dir)
         sd = read_state_dict(checkpoint_path, what="SD1.x checkpoint")
         return cls.from_state_dict(sd, tokenizer=tokenizer, device=device, dtype=dtype, vae_dtype=vae_dtype,
-                                   source=f"The checkpoint '{os.fspath(checkpoint_path)}'")
+                                   source=f"The checkpoint '{os.fspath(checkpoint_path)}'", compile_unet=compile_unet)
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], *, tokenizer, device="cpu",
                         dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                        source: str = "state dict") -> "DiffusersBackend":
+                        source: str = "state dict", compile_unet: str = "off") -> "DiffusersBackend":
         """Same as :meth:`from_single_file` for an in-memory single-file state dict.
 
         The model family is checked first (:func:`core.model_family.classify_state_dict`), then the parts: an SDXL,
         SD 2.x, inpainting … file raises UnsupportedModelError naming its family, never a missing-part message.
-        ``source`` starts the error messages (e.g. "The checkpoint 'x.safetensors'").
+        ``source`` starts the error messages (e.g. "The checkpoint 'x.safetensors'"); ``compile_unet`` as
+        :meth:`from_single_file`.
 
         Raises:
             UnsupportedModelError: not an SD 1.x ε-prediction text-to-image model.
@@ -207,7 +212,7 @@ class DiffusersBackend:
 
         return cls(unet, vae, text, tokenizer, vae_kind=vae_kind, device=device, dtype=dtype, vae_dtype=vae_dtype,
                    fingerprint=unet_fingerprint(unet_sd), text_fingerprint=text_encoder_fingerprint(text_sd),
-                   taesd_scale=scale, taesd_shift=shift)
+                   taesd_scale=scale, taesd_shift=shift, compile_unet=compile_unet)
 
     # ---------------------------------------------------------------- denoiser
     def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -220,8 +225,8 @@ class DiffusersBackend:
             t = t.expand(z_t.shape[0])
         if cond.shape[0] == 1 and z_t.shape[0] > 1:
             cond = cond.expand(z_t.shape[0], -1, -1)
-        out = self.unet(z_t.to(self.device, self.dtype), t, encoder_hidden_states=cond.to(self.device, self.dtype),
-                        return_dict=False)[0]
+        out = self._unet_call(z_t.to(self.device, self.dtype), t,
+                              encoder_hidden_states=cond.to(self.device, self.dtype), return_dict=False)[0]
         return _output(out)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:

@@ -46,9 +46,14 @@ def alphas_cumprod() -> torch.Tensor:
     return _alphas_cumprod_cached().clone()
 
 
+@lru_cache(maxsize=None)
+def _alphas_cumprod_host() -> tuple[float, ...]:
+    return tuple(_alphas_cumprod_cached().tolist())
+
+
 def alpha_bar(t: int) -> float:
-    """ᾱ at integer timestep t ∈ [0, 999]."""
-    return float(_alphas_cumprod_cached()[int(t)])
+    """ᾱ at integer timestep t ∈ [0, 999] (a Python float from a host table: no tensor read per call)."""
+    return _alphas_cumprod_host()[int(t)]
 
 
 def sigma_from_alpha_bar(a: float | torch.Tensor):

@@ -167,6 +167,7 @@ class IdentityGuidance:
     max_grad_norm: float | None = None
     decode_dtype: torch.dtype | None = None
     autograd_modules: tuple[nn.Module, ...] = ()
+    _references: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -198,8 +199,15 @@ class IdentityGuidance:
         return f.to(_loss_dtype(f))
 
     def _reference(self, f: torch.Tensor) -> torch.Tensor:
-        # a fresh clone: the stored embedding may be an inference tensor, and the cosine saves it for backward
-        return self.source_embedding.to(device=f.device, dtype=f.dtype).clone()
+        # a normal clone, made once per device and dtype: the stored embedding may be an inference tensor, and
+        # the cosine saves it for backward
+        key = (f.device, f.dtype)
+        cached = self._references.get(key)
+        if cached is None:
+            with normal_tensors():
+                cached = self._references[key] = self.source_embedding.detach().to(device=f.device,
+                                                                                   dtype=f.dtype).clone()
+        return cached
 
     def energy_of_embeddings(self, f: torch.Tensor) -> torch.Tensor:
         """The task's energy of embeddings f [B,D] → scalar."""

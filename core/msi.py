@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ from torch import nn
 from .backend import DiffusionBackend, VisionEncoder
 from .diffusion import NUM_STAGES, NUM_TRAIN_TIMESTEPS, q_sample, stage_of_timestep
 from .errors import InvalidImageError
+from .speed import (CHECKPOINTING_SETTINGS, decide_checkpointing, free_memory_bytes, resolve_autocast_dtype,
+                    saved_activation_bytes)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,13 +44,32 @@ FEATURE_LAYERS = (3, 7, 11, 15, -1)
 NUM_LEVELS = len(FEATURE_LAYERS)
 
 MODES = ("faithful", "lite")
-#: Optimisation steps and AdamW learning rate per mode. faithful: the release's v1-finetune.yaml
-#: (max_steps 6100, base_learning_rate 1e-4); lite: textual-inversion practice (docs/method.md §8.1 item 7).
-FAITHFUL_STEPS, LITE_STEPS = 6100, 1500
+#: Recipes (docs/method.md §8.8): "paper" the release's batch-1 steps in fp32; "default" the same number of
+#: timesteps seen in batches of DEFAULT_TIMESTEPS_PER_STEP; "fast" fewer timesteps with a cosine learning rate.
+SPEEDS = ("paper", "default", "fast")
+#: Timesteps MSI sees (optimisation steps × timesteps per step) and the AdamW learning rate at one timestep per
+#: step. faithful: the release's v1-finetune.yaml (max_steps 6100 at batch 1, base_learning_rate 1e-4); lite:
+#: textual-inversion practice (docs/method.md §8.1 item 7).
+FAITHFUL_TIMESTEPS, LITE_TIMESTEPS = 6100, 1500
 FAITHFUL_LR, LITE_LR = 1e-4, 5e-3
-DEFAULT_STEPS = {"faithful": FAITHFUL_STEPS, "lite": LITE_STEPS}
-DEFAULT_LR = {"faithful": FAITHFUL_LR, "lite": LITE_LR}
+#: the release's step counts (batch 1), kept under their old names
+FAITHFUL_STEPS, LITE_STEPS = FAITHFUL_TIMESTEPS, LITE_TIMESTEPS
+PAPER_TIMESTEPS = {"faithful": FAITHFUL_TIMESTEPS, "lite": LITE_TIMESTEPS}
+BASE_LR = {"faithful": FAITHFUL_LR, "lite": LITE_LR}
+#: timesteps per optimisation step of the "default" recipe: on a CPU (full-size SD1.5, 64 px) one step on 4
+#: timesteps costs 1.36× less per timestep than 4 steps on 1 (issue 11); on a GPU batch 1 is launch-bound.
+DEFAULT_TIMESTEPS_PER_STEP = 4
+#: the "fast" recipe: timesteps seen, timesteps per step, extra learning-rate factor (our choice; see
+#: docs/method.md §8.8 for what is and is not known about its quality)
+FAST_TIMESTEPS = {"faithful": 1600, "lite": 480}
+FAST_TIMESTEPS_PER_STEP = 8
+FAST_LR_FACTOR = 2.0
+LR_SCHEDULES = ("constant", "cosine")
+#: the cosine schedule decays from lr to this fraction of it over the run
+COSINE_FLOOR = 0.1
 LITE_INIT_WORD = "face"
+#: tokens of an SD1.x conditioning (core/backend.py)
+TEXT_TOKENS = 77
 
 ProgressFn = Callable[[int, int, dict], None]
 
@@ -189,39 +210,85 @@ class MSILite(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- training
+def batch_lr(base_lr: float, timesteps_per_step: int) -> float:
+    """AdamW learning rate for ``timesteps_per_step`` timesteps per step from the batch-1 rate: base·√k, the
+    square-root scaling rule for adaptive optimisers (Malladi et al., "On the SDEs and Scaling Rules for
+    Adaptive Gradient Algorithms", NeurIPS 2022). A rule of thumb, not an identity: see docs/method.md §8.8."""
+    return float(base_lr) * math.sqrt(int(timesteps_per_step))
+
+
+def recipe(mode: str, speed: str = "default", timesteps_per_step: Optional[int] = None) -> dict[str, Any]:
+    """The option values of a (mode, speed) recipe: steps, lr, timesteps_per_step, lr_schedule, autocast_dtype.
+
+    ``steps`` = ⌈timesteps seen / timesteps_per_step⌉ and ``lr`` = :func:`batch_lr`, so a given
+    ``timesteps_per_step`` keeps the recipe's number of timesteps seen (paper: 6100 faithful / 1500 lite;
+    fast: :data:`FAST_TIMESTEPS`).
+
+    Raises:
+        ValueError: for an unknown mode or speed, or timesteps_per_step < 1.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'faithful' or 'lite', got {mode!r}")
+    if speed not in SPEEDS:
+        raise ValueError(f"speed must be one of {SPEEDS}, got {speed!r}")
+    default_k = {"paper": 1, "default": DEFAULT_TIMESTEPS_PER_STEP, "fast": FAST_TIMESTEPS_PER_STEP}[speed]
+    k = default_k if timesteps_per_step is None else timesteps_per_step
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"timesteps_per_step must be an integer ≥ 1, got {k}")
+    k = int(k)
+    seen = FAST_TIMESTEPS[mode] if speed == "fast" else PAPER_TIMESTEPS[mode]
+    lr = batch_lr(BASE_LR[mode], k) * (FAST_LR_FACTOR if speed == "fast" else 1.0)
+    return {"mode": mode, "steps": math.ceil(seen / k), "lr": lr, "timesteps_per_step": k,
+            "lr_schedule": "cosine" if speed == "fast" else "constant",
+            "autocast_dtype": None if speed == "paper" else "auto"}
+
+
+_DEFAULT = recipe("faithful", "default")
+
+
 @dataclass(frozen=True)
 class MSIOptions:
-    """How :func:`train_msi` fits MSI to one image. Defaults are the release's (faithful mode).
+    """How :func:`train_msi` fits MSI to one image. Defaults: the faithful mode's "default" recipe.
+
+    The "default" recipe sees the release's 6100 timesteps (lite: 1500) in batches of 4: 1525 steps at
+    lr 1e-4·√4 = 2e-4 (lite: 375 steps at 1e-2); ``MSIOptions.preset(mode, "paper")`` is the release's
+    batch-1 recipe (6100 steps at 1e-4, fp32). See :func:`recipe` and docs/method.md §8.8.
 
     Attributes:
         mode: "faithful" (the released network on CLIP-vision features) or "lite" (ten raw tokens).
-        steps: optimisation steps ≥ 0 (release: 6100; lite default 1500). 0 returns the initial tokens.
-        lr: AdamW learning rate > 0 (release: 1e-4; lite default 5e-3).
+        steps: optimisation steps ≥ 0. 0 returns the initial tokens.
+        lr: AdamW learning rate > 0 (peak rate for the cosine schedule).
         weight_decay: AdamW weight decay ≥ 0 (PyTorch's AdamW default 0.01, used by the release).
         seed: seeds timesteps, flips, ε and dropout (release: 23, the default of its main.py).
-        timesteps_per_step: (t, ε) pairs per optimisation step, ≥ 1; one UNet call on that batch with the same
-            expected gradient as batch 1 (release: 1).
+        timesteps_per_step: (t, ε) pairs per optimisation step, ≥ 1; one UNet call on that batch whose loss is
+            the mean of the pairs' losses, so its gradient is the mean of their batch-1 gradients (release: 1).
         uint8_quirk: reproduce the release's uint8 cast of [−1, 1] pixels before CLIP (faithful only).
         hflip: random horizontal flips, as the release's data loader (p = 0.5).
-        grad_checkpointing: UNet activation checkpointing during training (release: on).
-        autocast_dtype: autocast the UNet call to this dtype (e.g. torch.bfloat16); None = no autocast.
+        grad_checkpointing: UNet activation checkpointing during training: True, False or "auto" (on only when
+            one step's measured activations do not fit into free memory, :func:`core.speed.decide_checkpointing`;
+            the release: always on). It changes memory and time, not the gradients.
+        autocast_dtype: autocast the UNet call to this dtype (e.g. torch.bfloat16); None = no autocast; "auto" =
+            bfloat16 on a CUDA device with bf16 support for a float32 backend, else none
+            (:func:`core.speed.resolve_autocast_dtype`). MSI parameters and the loss stay float32.
         loss_sync_every: read the loss back to the host every this many steps; None = 1 on CPU, 25 elsewhere.
+        lr_schedule: "constant" (release) or "cosine" (from ``lr`` down to COSINE_FLOOR·lr at the last step).
 
     Raises:
         ValueError: on a value outside those ranges (when constructed).
     """
 
     mode: str = "faithful"
-    steps: int = FAITHFUL_STEPS
-    lr: float = FAITHFUL_LR
+    steps: int = _DEFAULT["steps"]
+    lr: float = _DEFAULT["lr"]
     weight_decay: float = 0.01
     seed: int = 23
-    timesteps_per_step: int = 1
+    timesteps_per_step: int = _DEFAULT["timesteps_per_step"]
     uint8_quirk: bool = False
     hflip: bool = True
-    grad_checkpointing: bool = True
-    autocast_dtype: Optional[torch.dtype] = None
+    grad_checkpointing: Union[bool, str] = "auto"
+    autocast_dtype: Optional[Union[torch.dtype, str]] = _DEFAULT["autocast_dtype"]
     loss_sync_every: Optional[int] = None
+    lr_schedule: str = _DEFAULT["lr_schedule"]
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -235,15 +302,34 @@ class MSIOptions:
             raise ValueError(f"lr must be > 0 and weight_decay ≥ 0, got {self.lr}, {self.weight_decay}")
         if self.loss_sync_every is not None and self.loss_sync_every < 1:
             raise ValueError(f"loss_sync_every must be ≥ 1 or None, got {self.loss_sync_every}")
+        if self.grad_checkpointing not in CHECKPOINTING_SETTINGS:
+            raise ValueError(f"grad_checkpointing must be True, False or 'auto', got {self.grad_checkpointing!r}")
+        if not (self.autocast_dtype is None or isinstance(self.autocast_dtype, torch.dtype)
+                or self.autocast_dtype == "auto"):
+            raise ValueError(f"autocast_dtype must be a torch dtype, None or 'auto', got {self.autocast_dtype!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+    @property
+    def timesteps_seen(self) -> int:
+        """steps × timesteps_per_step: how many (t, ε) pairs the run draws."""
+        return int(self.steps) * int(self.timesteps_per_step)
 
     @classmethod
-    def preset(cls, mode: str = "faithful", **overrides: Any) -> "MSIOptions":
-        """The defaults of ``mode`` (its steps and learning rate) with ``overrides`` applied."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be 'faithful' or 'lite', got {mode!r}")
-        fields = {"mode": mode, "steps": DEFAULT_STEPS[mode], "lr": DEFAULT_LR[mode]}
+    def preset(cls, mode: str = "faithful", speed: str = "default", **overrides: Any) -> "MSIOptions":
+        """The (mode, speed) recipe (:func:`recipe`) with ``overrides`` applied. An overridden
+        ``timesteps_per_step`` re-derives steps and lr so the recipe's timesteps seen stay, unless those are
+        overridden too."""
+        fields = recipe(mode, speed, overrides.get("timesteps_per_step"))
         fields.update(overrides)
         return cls(**fields)
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of optimisation step ``step`` (0-based) under ``lr_schedule``."""
+        if self.lr_schedule == "constant" or self.steps <= 1:
+            return float(self.lr)
+        progress = step / (self.steps - 1)
+        return float(self.lr) * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 @dataclass
@@ -251,7 +337,10 @@ class MSIResult:
     """Outcome of :func:`train_msi`, all tensors float32 on the backend's device.
 
     ``stage_tokens`` [10,D] are computed in eval mode (dropout off); ``stage_conds`` [10,77,D] are their text
-    conditionings (key-E). ``losses`` holds every step's ε-MSE.
+    conditionings (key-E). ``losses`` holds every step's ε-MSE. ``source_latent`` [1,4,h,w] is the scaled
+    latent of the image as given (not flipped), encoded once for training: callers reuse it for inversion and
+    sampling instead of encoding the image again. ``config`` records the settings, including what the speed
+    switches decided (grad_checkpointing and its reason, the autocast dtype, timesteps seen).
     """
 
     stage_tokens: torch.Tensor
@@ -261,6 +350,7 @@ class MSIResult:
     steps: int
     config: dict[str, Any] = field(default_factory=dict)
     module: Optional[nn.Module] = None
+    source_latent: Optional[torch.Tensor] = None
 
 
 def _check_image(image: torch.Tensor) -> None:
@@ -338,6 +428,34 @@ def _stage_cond_batch(backend: DiffusionBackend, msi: nn.Module, feats: Optional
     return torch.stack([conds[index[key]] for key in keyed])
 
 
+def checkpointing_choice(backend: DiffusionBackend, setting, probe: Callable[[], Any]) -> tuple[bool, str, int]:
+    """(checkpoint?, reason, measured activation bytes) for an MSI run on ``backend``.
+
+    "auto" measures the activations one step keeps for backward (:func:`core.speed.saved_activation_bytes`
+    on ``probe``, a forward pass of the step's shape) against the backend's free memory (its
+    ``free_memory_bytes()`` when it has one, e.g. ComfyUI's view, else :func:`core.speed.free_memory_bytes`).
+    Backends without ``enable_gradient_checkpointing``, or with it already on, are left as they are.
+    """
+    if getattr(backend, "enable_gradient_checkpointing", None) is None:
+        return False, "unavailable (the backend cannot checkpoint)", 0
+    if bool(getattr(backend, "gradient_checkpointing", False)):
+        return True, "on (already on in the backend)", 0
+    if setting is not True and setting is not False and setting == "auto":
+        activations = saved_activation_bytes(probe)
+        own = getattr(backend, "free_memory_bytes", None)
+        free = int(own()) if callable(own) else free_memory_bytes(backend.device)
+        on, reason = decide_checkpointing(setting, free_bytes=free, activation_bytes=activations)
+        return on, reason, activations
+    on, reason = decide_checkpointing(setting, free_bytes=0, activation_bytes=0)
+    return on, reason, 0
+
+
+def _optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; on CUDA the fused implementation (one kernel for all parameters, no per-step host reads)."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
 def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOptions = MSIOptions(), *,
               vision: Optional[VisionEncoder] = None, progress: Optional[ProgressFn] = None,
               cancel: Optional[Callable[[], None]] = None) -> MSIResult:
@@ -348,8 +466,11 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
     latents of both flips are computed once up front), builds c_{⌊t/100⌋} for the distinct stages only, and
     takes an AdamW step on the MSI parameters alone. Timesteps and flips come from a CPU generator seeded with
     ``options.seed`` and ε from a generator on the backend's device, so a run is reproducible per seed and device.
+    Every timestep, flip and index is drawn on the host before the loop, so the loop never waits for the device
+    except for the loss reads below.
 
     ``options.autocast_dtype`` autocasts the UNet call; MSI parameters and the loss stay fp32.
+    ``options.grad_checkpointing`` "auto" decides once, before the first step (:func:`checkpointing_choice`).
     ``progress(done, total, info)`` runs after every step (done = 1 … total) with ``info = {"loss": float,
     "loss_step": int, "loss_tensor": 0-d tensor}``: ``loss`` is the mean loss of the steps since the previous
     sync, which happens every ``options.loss_sync_every`` steps, so the loop does not wait for the device each
@@ -367,13 +488,19 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
         raise ValueError("Faithful MSI needs the CLIP ViT-L/14 vision encoder (vision=...): load one from "
                          "models/clip_vision, or use mode='lite', which needs none.")
     steps, lr, k, seed = int(options.steps), float(options.lr), int(options.timesteps_per_step), int(options.seed)
-    hflip, uint8_quirk, autocast_dtype = options.hflip, options.uint8_quirk, options.autocast_dtype
+    hflip, uint8_quirk = options.hflip, options.uint8_quirk
     device = torch.device(backend.device)
     sync_every = options.loss_sync_every or (1 if device.type == "cpu" else 25)
+    if options.autocast_dtype == "auto":
+        # a backend that already computes in half precision (or does not say) is left alone
+        float32_backend = getattr(backend, "dtype", None) == torch.float32
+        autocast_dtype = resolve_autocast_dtype("auto", device) if float32_backend else None
+    else:
+        autocast_dtype = options.autocast_dtype
 
     views_img = torch.cat([image, image.flip(-1)]) if hflip else image
     with torch.no_grad():
-        z0_views = backend.encode_image(views_img.to(device)).float()  # [V,4,h,w]
+        z0_views = backend.encode_image(views_img.to(device)).float()  # [V,4,h,w], the one VAE encode
         feats = pooled_clip_features(vision, views_img, uint8_quirk=uint8_quirk).to(device) if faithful else None
 
     if faithful:
@@ -381,13 +508,18 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
     else:
         msi = MSILite(backend.token_embedding(LITE_INIT_WORD))
     msi = msi.to(device)
-    opt = torch.optim.AdamW(msi.parameters(), lr=lr, weight_decay=options.weight_decay)
+    opt = _optimizer(msi.parameters(), lr, options.weight_decay, device)
 
+    # every random draw of the host side, made once: timesteps, flips, their stages and the distinct
+    # (flip, stage) pairs each step encodes
     cpu_gen = torch.Generator().manual_seed(int(seed))
     t_table = torch.randint(0, NUM_TRAIN_TIMESTEPS, (steps, k), generator=cpu_gen)
     view_table = torch.randint(0, z0_views.shape[0], (steps, k), generator=cpu_gen)
     t_host, view_host = t_table.tolist(), view_table.tolist()
-    t_dev = t_table.to(device)  # one transfer for the whole run
+    stage_host = [[stage_of_timestep(t) for t in row] for row in t_host]
+    lr_host = [options.learning_rate(i) for i in range(steps)]
+    t_dev = t_table.to(device)  # one transfer each for the whole run
+    view_dev = view_table.to(device)
     noise_gen = torch.Generator(device=device).manual_seed(int(seed))
     loss_buf = torch.zeros(steps, device=device)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -395,30 +527,39 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
 
     msi.train()
     synced_loss, synced_step, last_sync = float("nan"), -1, 0
-    with _frozen(backend), _gradient_checkpointing(backend, options.grad_checkpointing), \
-            _seeded_dropout(seed, device), torch.enable_grad():
-        for step in range(steps):
-            if cancel is not None:
-                cancel()
-            stages = [stage_of_timestep(t) for t in t_host[step]]
-            views = view_host[step]
-            cond = _stage_cond_batch(backend, msi, feats, stages, views)
-            z0 = torch.stack([z0_views[v] for v in views])
-            eps = torch.randn(z0.shape, generator=noise_gen, device=device)
-            t = t_dev[step]
-            z_t = q_sample(z0, eps, t)
+    with _frozen(backend), _seeded_dropout(seed, device), torch.enable_grad():
+        def probe():  # the UNet call of a step (its shape and precision), for the activation measurement
+            cond = torch.zeros(k, TEXT_TOKENS, backend.token_dim, device=device, requires_grad=True)
             with autocast:
-                pred = backend.predict_eps(z_t, t, cond)
-            loss = F.mse_loss(pred.float(), eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_buf[step].copy_(loss.detach())
-            if (step + 1) % sync_every == 0 or step == steps - 1:
-                synced_loss = float(loss_buf[last_sync:step + 1].mean())
-                synced_step, last_sync = step, step + 1
-            if progress is not None:
-                progress(step + 1, steps, {"loss": synced_loss, "loss_step": synced_step, "loss_tensor": loss.detach()})
+                backend.predict_eps(z0_views[:1].expand(k, -1, -1, -1), t_dev[0], cond)
+
+        checkpointing, why, activation_bytes = (checkpointing_choice(backend, options.grad_checkpointing, probe)
+                                                if steps else (False, "no steps", 0))
+        with _gradient_checkpointing(backend, checkpointing):
+            for step in range(steps):
+                if cancel is not None:
+                    cancel()
+                cond = _stage_cond_batch(backend, msi, feats, stage_host[step], view_host[step])
+                z0 = z0_views.index_select(0, view_dev[step])
+                eps = torch.randn(z0.shape, generator=noise_gen, device=device)
+                t = t_dev[step]
+                z_t = q_sample(z0, eps, t)
+                with autocast:
+                    pred = backend.predict_eps(z_t, t, cond)
+                loss = F.mse_loss(pred.float(), eps)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if options.lr_schedule != "constant":
+                    for group in opt.param_groups:
+                        group["lr"] = lr_host[step]
+                opt.step()
+                loss_buf[step].copy_(loss.detach())
+                if (step + 1) % sync_every == 0 or step == steps - 1:
+                    synced_loss = float(loss_buf[last_sync:step + 1].mean())
+                    synced_step, last_sync = step, step + 1
+                if progress is not None:
+                    progress(step + 1, steps, {"loss": synced_loss, "loss_step": synced_step,
+                                               "loss_tensor": loss.detach()})
 
     msi.eval()
     with torch.no_grad():
@@ -428,9 +569,11 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
     fingerprint = backend.model_fingerprint() if hasattr(backend, "model_fingerprint") else None
     config = dict(seed=seed, lr=lr, weight_decay=options.weight_decay, timesteps_per_step=k, uint8_quirk=uint8_quirk,
                   hflip=hflip, autocast_dtype=str(autocast_dtype) if autocast_dtype else None,
-                  model_fingerprint=fingerprint)
+                  model_fingerprint=fingerprint, lr_schedule=options.lr_schedule, timesteps_seen=steps * k,
+                  grad_checkpointing=checkpointing, grad_checkpointing_reason=why,
+                  activation_bytes=activation_bytes)
     return MSIResult(stage_tokens=tokens.detach(), stage_conds=conds.detach(), losses=loss_buf.tolist(), mode=mode,
-                     steps=steps, config=config, module=msi)
+                     steps=steps, config=config, module=msi, source_latent=z0_views[:1].detach())
 
 
 def msi_objective(backend: DiffusionBackend, z0: torch.Tensor, stage_conds: torch.Tensor, *,

@@ -15,8 +15,10 @@ from .convert import to_model_image
 from .schema import schema
 from .types import CATEGORY, PrivacyEmbeds, PrivacyEmbedsType
 
-#: the widgets' defaults are the core's: faithful MSI options, the pipeline's inversion steps
+#: the widgets' defaults are the core's: faithful MSI's default recipe, the pipeline's inversion steps
 MSI_DEFAULTS = msi.MSIOptions.preset("faithful")
+LITE_DEFAULTS = msi.MSIOptions.preset("lite")
+PAPER = msi.MSIOptions.preset("faithful", "paper")
 INVERSION_STEPS = ProtectOptions().inversion_steps
 NODE = "MSI Invert"
 IMAGE = "image at MSI Invert's 'image' input"
@@ -41,17 +43,20 @@ class MSIInvert(io.ComfyNode):
                 io.Combo.Input("mode", options=list(msi.MODES), default=MSI_DEFAULTS.mode,
                                tooltip="faithful: the paper's MSI network on CLIP-vision features (needs "
                                        "clip_vision). lite: 10 stage tokens learned directly (faster)."),
-                io.Int.Input("steps", default=msi.FAITHFUL_STEPS, min=1, max=100000,
-                             tooltip=f"Optimisation steps (faithful, the paper: {msi.FAITHFUL_STEPS}; "
-                                     f"lite: {msi.LITE_STEPS} is its default)."),
-                io.Float.Input("learning_rate", default=msi.FAITHFUL_LR, min=1e-6, max=1.0, step=1e-5, round=1e-6,
-                               tooltip=f"AdamW learning rate (faithful, the paper: {msi.FAITHFUL_LR:g}; "
-                                       f"lite: {msi.LITE_LR:g} is its default)."),
+                io.Int.Input("steps", default=MSI_DEFAULTS.steps, min=1, max=100000,
+                             tooltip=f"Optimisation steps. Default: the paper's {MSI_DEFAULTS.timesteps_seen} "
+                                     f"timesteps in steps of {MSI_DEFAULTS.timesteps_per_step} (faithful); lite: "
+                                     f"{LITE_DEFAULTS.steps}. The paper ran {PAPER.steps} steps of 1 timestep."),
+                io.Float.Input("learning_rate", default=MSI_DEFAULTS.lr, min=1e-6, max=1.0, step=1e-5, round=1e-6,
+                               tooltip=f"AdamW learning rate (faithful default {MSI_DEFAULTS.lr:g}, lite "
+                                       f"{LITE_DEFAULTS.lr:g}: the batch-1 rate ×√timesteps_per_step; the paper: "
+                                       f"{PAPER.lr:g} at 1 timestep per step)."),
                 io.Int.Input("inversion_steps", default=INVERSION_STEPS, min=2, max=MAX_DDIM_STEPS,
                              tooltip="DDIM steps of the inversion that makes key-I; recovery uses the same."),
                 io.Int.Input("timesteps_per_step", default=MSI_DEFAULTS.timesteps_per_step, min=1, max=64,
-                             tooltip="Timesteps drawn per optimisation step (same expected gradient, better "
-                                     "GPU use; memory grows with it)."),
+                             tooltip="Timesteps drawn per optimisation step (same expected gradient, less time "
+                                     "per timestep; memory grows with it, and UNet checkpointing turns on by "
+                                     "itself when memory runs short). Keep steps × this = the timesteps seen."),
                 io.Int.Input("seed", default=MSI_DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
                              control_after_generate=True,
                              tooltip=f"Seed of the timestep and noise draws (paper: {MSI_DEFAULTS.seed})."),
@@ -84,7 +89,7 @@ class MSIInvert(io.ComfyNode):
         with normal_tensors():  # MSI's parameters and optimizer state must be normal tensors
             result = msi.train_msi(backend, source, options, vision=vision,
                                    progress=progress_bar(steps, "MSI "), cancel=check_interrupt)
-        z0 = backend.encode_image(source)
+        z0 = result.source_latent  # encoded once, by MSI
         z_T = sampling.ddim_invert(backend, z0, result.stage_conds, inversion_steps,
                                    progress=progress_bar(inversion_steps), cancel=check_interrupt)
         metadata = KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=inversion_steps,

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import comfyui_env  # noqa: E402
 import make_tiny_sd15  # noqa: E402
-from benchmark_nodes import timed  # noqa: E402
+from benchmark import timed  # noqa: E402
 
 
 def load_models_module():
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     root = Path(args.comfyui).resolve() if args.comfyui else comfyui_env.prepare_comfyui()
     if args.checkpoint is None:
-        args.checkpoint = REPO / ".cache" / "benchmark" / "tiny_sd15.safetensors"  # shared with benchmark_nodes.py
+        args.checkpoint = REPO / ".cache" / "benchmark" / "tiny_sd15.safetensors"  # shared with benchmark.py --comfyui
         if not args.checkpoint.exists():
             args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             make_tiny_sd15.make_checkpoint(root, args.checkpoint)

@@ -37,10 +37,14 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PASSPHRASE_ENV = "DIFF_PRIVACY_PASSPHRASE"
-# Choices of --task / --crop, spelled out so that --help needs neither torch nor the core; they equal
+# Choices of --task / --crop / --speed / --dtype / --compile, spelled out so that --help needs neither torch nor the core; they equal
 # core.energies.MODES and core.pipeline.GUIDANCE_CROPS (tests/test_cli.py checks).
 TASKS = ("anonymize", "hide")
 GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
+# likewise core.msi.SPEEDS, the names core.speed.resolve_compute_dtype takes and core.speed.COMPILE_SETTINGS
+SPEEDS = ("paper", "default", "fast")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+COMPILE = ("auto", "on", "off")
 # What the CLI needs beyond the nodes' requirements.txt: the `cli` extra of pyproject.toml, mirrored by
 # requirements-cli.txt (module name -> distribution name).
 CLI_MODULES = {"diffusers": "diffusers", "transformers": "transformers", "tqdm": "tqdm"}
@@ -243,21 +247,30 @@ def check_checkpoint(path: str) -> None:
 
 
 def backend_from(args) -> DiffusersBackend:
+    """The diffusers backend on --device with --dtype / --vae-dtype ("auto": bfloat16 on a CUDA device with bf16,
+    float16 on older CUDA devices, float32 on a CPU; the VAE never runs in float16, whose range the SD VAE
+    decoder's activations can exceed: it gets bfloat16 where available, else float32) and --compile."""
+    from core.speed import resolve_compute_dtype
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = resolve_compute_dtype(args.dtype, device)
+    vae_dtype = resolve_compute_dtype(args.vae_dtype, device)
+    if vae_dtype == torch.float16:
+        vae_dtype = torch.bfloat16 if resolve_compute_dtype("auto", device) == torch.bfloat16 else torch.float32
     return DiffusersBackend.from_single_file(args.checkpoint, tokenizer_dir=args.tokenizer_dir, device=device,
-                                             dtype=dtype, vae_dtype=torch.float32)
+                                             dtype=dtype, vae_dtype=vae_dtype, compile_unet=args.compile)
 
 
 def options_from(args, faithful: bool) -> ProtectOptions:
-    """ProtectOptions from the command line: flags left out keep the task's preset values."""
+    """ProtectOptions from the command line: flags left out keep the values of the task's --speed preset."""
     msi_overrides = {} if args.msi_steps is None else {"steps": args.msi_steps}
     sampling = {name: getattr(args, name) for name in ("steps", "strength", "batch_size", "seed")
                 if getattr(args, name) is not None}
-    return ProtectOptions.preset(args.task, size=args.size,
-                                 msi=MSIOptions.preset("faithful" if faithful else "lite", **msi_overrides),
-                                 inversion_steps=args.inversion_steps, sampling=sampling, crop=args.crop,
-                                 step_scale=args.step_scale, max_identity_similarity=args.max_identity_similarity)
+    given = {name: getattr(args, name) for name in ("inversion_steps", "step_scale") if getattr(args, name) is not None}
+    return ProtectOptions.preset(args.task, args.speed, size=args.size,
+                                 msi=MSIOptions.preset("faithful" if faithful else "lite", args.speed, **msi_overrides),
+                                 sampling=sampling, crop=args.crop,
+                                 max_identity_similarity=args.max_identity_similarity, **given)
 
 
 def verifiers_from(args, device) -> list:
@@ -466,7 +479,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--keys", required=True,
                        help="recovery key file (protect: for one photo file; else a folder of key files)")
         p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-        p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="UNet compute dtype")
+        p.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="UNet weights (auto: bf16 on a CUDA GPU with bf16, else fp16 on CUDA, fp32 on a CPU)")
+        p.add_argument("--vae-dtype", choices=DTYPES, default="auto",
+                       help="VAE weights (auto: bf16 on a CUDA GPU with bf16, else fp32; fp16 is taken as bf16/fp32)")
+        p.add_argument("--compile", choices=COMPILE, default="off",
+                       help="torch.compile the UNet step on CUDA (costs a minute or two the first time per shape; "
+                            "off with a log line where it cannot run)")
     p = sub.choices["protect"]
     p.add_argument("--recognizer", required=True, help="FaceNet .pt or ArcFace IR-SE50 .pth")
     p.add_argument("--verify", action="append", metavar="PATH",
@@ -490,14 +509,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="protected")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--clip-vision", help="CLIP ViT-L/14 vision weights: faithful MSI (default: lite)")
+    p.add_argument("--speed", choices=SPEEDS, default="default",
+                   help="preset (README, Speed): paper = the release's batch-1 MSI steps in fp32; default = the same "
+                        "MSI timesteps 4 per step; fast = fewer MSI timesteps and half the sampling grid (every "
+                        "result still passes the identity gate)")
     p.add_argument("--msi-steps", type=int)
-    p.add_argument("--inversion-steps", type=int, default=50)
+    p.add_argument("--inversion-steps", type=int, help="DDIM steps of key-I (default 50)")
     p.add_argument("--steps", type=int, help="DDIM grid (preset: 50 anonymize, 100 hide)")
     p.add_argument("--strength", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--crop", choices=GUIDANCE_CROPS, default="official")
-    p.add_argument("--step-scale", type=float, default=1.0)
+    p.add_argument("--step-scale", type=float, help="factor on the guidance step sizes (preset: 1; fast: 2)")
     p.add_argument("--max-identity-similarity", type=float, default=0.5)
     sub.choices["recover"].add_argument("--out", default="recovered.png")
     sub.choices["recover"].add_argument("--photo", help="the protected photo as protect wrote it: restores the whole "

@@ -71,11 +71,18 @@ def test_cli_choices_equal_the_cores():
     spec = importlib.util.spec_from_file_location("diffprivacy_cli", CLI)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    import torch
+
     from core.energies import MODES
+    from core.msi import SPEEDS
     from core.pipeline import GUIDANCE_CROPS
+    from core.speed import COMPILE_SETTINGS, resolve_compute_dtype
 
     assert cli.TASKS == MODES
     assert cli.GUIDANCE_CROPS == GUIDANCE_CROPS
+    assert cli.SPEEDS == SPEEDS and cli.COMPILE == COMPILE_SETTINGS
+    assert [resolve_compute_dtype(name, "cpu") for name in cli.DTYPES] == [torch.float32, torch.float32,
+                                                                          torch.float16, torch.bfloat16]
 
 
 # ------------------------------------------------------------------------------------ argument errors

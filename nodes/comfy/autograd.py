@@ -7,7 +7,7 @@ module applies them to ComfyUI's objects:
 * :func:`private_copy` — a gradient-ready deep copy of a module (VAE decoder);
 * :func:`grad_ready_model` — a MODEL clone whose UNet weights reach every op as normal clones;
 * :func:`set_unet_checkpointing` — activation checkpointing of the UNet blocks for MSI's backward pass;
-* :class:`DifferentiableDecoder` — scaled latent → image through a private copy of the VAE.
+* :class:`DifferentiableDecoder` — scaled latent → image through a private copy of the VAE's decoder.
 """
 from __future__ import annotations
 
@@ -37,7 +37,18 @@ def private_copy(module: torch.nn.Module, device: torch.device | None = None,
 
 
 def _clone_weight(w: torch.Tensor) -> torch.Tensor:
-    return w.clone()
+    """The weight an op of the grad-ready UNet gets: a normal tensor autograd may save, copied at most once.
+
+    ComfyUI's ``cast_bias_weight`` already hands a weight with weight functions to them as a fresh copy
+    (``cast_to(copy=True)``), which is a normal tensor when the forward runs outside inference mode: that copy
+    is used as it is. A clone is taken only when the tensor is an inference tensor, or a view (of a cast or
+    offload buffer ComfyUI reuses), and a backward pass can follow; without autograd nothing is saved, so
+    nothing is copied."""
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return w
+    if w.is_inference() or w._is_view():
+        return w.clone()
+    return w
 
 
 def grad_ready_model(model):
@@ -79,19 +90,35 @@ def set_unet_checkpointing(model, enabled: bool) -> None:
             block.forward = block.__dict__.pop(_PLAIN_FORWARD)
 
 
+#: submodules of ComfyUI's VAE models that only encoding uses (KL autoencoder, TAESD); decoding never reads them
+ENCODER_PARTS = ("encoder", "quant_conv", "taesd_encoder")
+
+
+def decoder_only_copy(vae_model: torch.nn.Module, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """:func:`private_copy` of a ComfyUI VAE model without its encoder parts (:data:`ENCODER_PARTS`, set to
+    None): its ``decode`` works as the original's, at about half the weights (SD1's KL encoder is 34 M of 84 M)."""
+    shell = copy.copy(vae_model)  # a new object sharing the original's attribute values...
+    shell._modules = {name: (None if name in ENCODER_PARTS else sub) for name, sub in vae_model._modules.items()}
+    shell._parameters = dict(vae_model._parameters)  # ...with its own registries, so the original is untouched
+    shell._buffers = dict(vae_model._buffers)
+    return private_copy(shell, device, dtype)
+
+
 class DifferentiableDecoder:
     """Scaled latent [B,4,h,w] → image [B,3,H,W] in ≈[−1,1], float32, differentiable, unclamped.
 
-    Runs a private copy of ComfyUI's VAE model (normal weights) on the compute device, because ComfyUI's
-    ``VAE.decode`` writes into a preallocated buffer, may tile, clamps and returns CPU tensors.
-    ``dtype`` None keeps ComfyUI's VAE dtype; float32 is the safe choice for the backward pass in fp16 setups.
+    Runs a private copy of ComfyUI's VAE *decoder* (:func:`decoder_only_copy`, normal weights) on the compute
+    device, because ComfyUI's ``VAE.decode`` writes into a preallocated buffer, may tile, clamps and returns
+    CPU tensors. ``dtype`` None keeps ComfyUI's VAE dtype; float32 is the safe choice for the backward pass in
+    fp16 setups.
     """
 
     def __init__(self, vae, model, dtype: torch.dtype | None = None):
         load_models(vae.patcher)
         self.model = model
         self.dtype = dtype or vae.vae_dtype
-        self.module = private_copy(vae.first_stage_model, torch_device(), self.dtype)
+        self.module = decoder_only_copy(vae.first_stage_model, torch_device(), self.dtype)
 
     def __call__(self, z_scaled: torch.Tensor) -> torch.Tensor:
         z = unscale_latent(self.model, z_scaled).to(self.dtype)

@@ -9,7 +9,8 @@ from ...core.autograd import as_normal, normal_tensors
 from ...core.fingerprint import text_encoder_fingerprint
 from ...core.text_encoder import CLIPTextEncoder, PlaceholderConditioner
 from .autograd import DifferentiableDecoder, grad_ready_model, set_unet_checkpointing
-from .models import encode_image, intermediate_device, load_models, model_fingerprint, torch_device, unet
+from .models import (encode_image, free_memory, intermediate_device, load_models, model_fingerprint,
+                     torch_device, unet)
 
 #: the placeholder prompt whose token MSI's stage tokens replace (docs/method.md §2.2)
 PLACEHOLDER = "*"
@@ -80,7 +81,8 @@ class ComfyBackend:
 
     ``predict_eps`` runs the UNet through ``BaseModel.apply_model`` in σ space: x_σ = z_t·√(1+σ²) and
     ε̂ = (x_σ − x̂₀)/σ. ``trainable=True`` routes UNet weights through clone wrappers so gradients reach the
-    conditioning (MSI training); the text encoder and VAE decoder are private gradient-ready copies.
+    conditioning (MSI training), for calls with autograd on; calls without it (inversion) use the MODEL as
+    given. The text encoder and VAE decoder are private gradient-ready copies.
     """
 
     def __init__(self, model, clip, vae, *, trainable: bool = False):
@@ -109,11 +111,21 @@ class ComfyBackend:
     def predict_eps(self, z_t, t, cond):
         if not self.trainable:  # plain inference: stay in the caller's (inference) mode
             return self._eps(z_t, t, cond)
+        if not torch.is_grad_enabled():
+            # no backward follows (DDIM inversion after MSI, objective checks): the MODEL as given, without the
+            # grad-ready clone's weight wrappers, so no weight is copied for the forward
+            load_models(self._given_model)
+            return self._eps(z_t, t, cond)
         # loading the VAE/CLIP under memory pressure can unload the UNet, which drops the weight wrappers
         # (the weights would then reach autograd as inference tensors); reloading re-applies them
         load_models(self.model)
         with normal_tensors():
             return self._eps(z_t, t, cond)
+
+    def free_memory_bytes(self) -> int:
+        """Memory ComfyUI could hand to MSI's activations on the compute device now (its own accounting,
+        which counts what it may offload), for MSI's automatic checkpointing choice."""
+        return free_memory(self.device)
 
     def _eps(self, z_t, t, cond):
         sigma = self._sigmas[t.long().to(self.device)].clone()

@@ -38,6 +38,12 @@ def load_models(*patchers) -> None:
     mm.load_models_gpu([p for p in patchers if p is not None])
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes ComfyUI considers free on ``device`` (``model_management.get_free_memory``: the driver's free memory
+    plus PyTorch's unused cache on CUDA, available RAM on a CPU)."""
+    return int(mm.get_free_memory(device))
+
+
 def release_memory() -> None:
     """Release cached device memory at the end of a heavy node."""
     mm.soft_empty_cache()

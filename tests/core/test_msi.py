@@ -167,7 +167,7 @@ def test_timesteps_per_step_batches_deterministically(toy, vision, image):
     a, b = train_msi(toy, image, options), train_msi(toy, image, options)
     assert a.losses == b.losses and all(math.isfinite(v) for v in a.losses)
     torch.testing.assert_close(a.stage_tokens, b.stage_tokens, rtol=0, atol=0)
-    single = train_msi(toy, image, MSIOptions.preset("lite", steps=5, lr=1e-2))
+    single = train_msi(toy, image, MSIOptions.preset("lite", steps=5, lr=1e-2, timesteps_per_step=1))
     assert single.losses != a.losses
     f = train_msi(toy, image, MSIOptions.preset("faithful", steps=3, timesteps_per_step=4), vision=vision)
     assert len(f.losses) == 3 and f.config["timesteps_per_step"] == 4
@@ -237,8 +237,12 @@ def test_bad_inputs(toy, image):
                 dict(weight_decay=-1.0), dict(loss_sync_every=0)):
         with pytest.raises(ValueError):
             MSIOptions.preset("lite", **bad)
-    assert MSIOptions.preset("lite").steps == 1500 and MSIOptions.preset("lite").lr == 5e-3
-    assert MSIOptions() == MSIOptions.preset("faithful") and (MSIOptions().steps, MSIOptions().lr) == (6100, 1e-4)
+    for bad in (dict(grad_checkpointing="sometimes"), dict(autocast_dtype="fp8"), dict(lr_schedule="step")):
+        with pytest.raises(ValueError):
+            MSIOptions.preset("lite", **bad)
+    with pytest.raises(ValueError, match="speed"):
+        MSIOptions.preset("lite", "slow")
+    assert MSIOptions() == MSIOptions.preset("faithful")
     with pytest.raises(InvalidImageError):
         train_msi(toy, torch.cat([image, image]), MSIOptions.preset("lite", steps=1))
     with pytest.raises(InvalidImageError):

@@ -1,5 +1,6 @@
 """core.pipeline and the plain-Python CLI (scripts/diffprivacy.py) end to end on the tiny SD1.5-shaped
 checkpoint through DiffusersBackend, a random FaceNet and scikit-image's astronaut photo (64 px faces)."""
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -82,6 +83,36 @@ def test_fail_closed_and_bad_inputs(models):
     from skimage import data
     with pytest.raises(FaceNotFoundError):
         protect_photo(backend, recognizer, torch.from_numpy(data.coffee()).float() / 255.0, fast())
+
+
+def test_fast_preset_is_recorded_and_guarded_by_the_gate(models):
+    """The fast preset changes only how much work is done: the report says it ran, and the identity gate still
+    decides (a gate that cannot pass releases nothing)."""
+    backend, recognizer = models
+    options = ProtectOptions.preset("anonymize", "fast", size=64, max_identity_similarity=1.0)
+    assert options.sampling.denoising_steps == 15 and options.step_scale == 2.0 and options.inversion_steps == 50
+    # fewer steps for the 64 px test models; the preset's label and step scale stay
+    options = dataclasses.replace(options, msi=dataclasses.replace(options.msi, steps=2), inversion_steps=4,
+                                  sampling=dataclasses.replace(options.sampling, steps=8, batch_size=2))
+    result = protect_photo(backend, recognizer, _photo(), options)
+    report = result.report.to_dict()
+    assert report["preset"] == "fast" and report["passed"]
+    assert report["settings"]["msi"]["timesteps_per_step"] == 8 and report["settings"]["step_scale"] == 2.0
+    with pytest.raises(ProtectionFailedError, match="nothing was output"):
+        protect_photo(backend, recognizer, _photo(), dataclasses.replace(options, max_identity_similarity=-1.0))
+
+
+def test_speed_presets():
+    paper, default, quick = (ProtectOptions.preset("hide", speed) for speed in ("paper", "default", "fast"))
+    assert (paper.label, default.label, quick.label) == ("paper", "default", "fast")
+    assert paper.msi == MSIOptions.preset("lite", "paper") and paper.msi.timesteps_per_step == 1
+    assert paper.sampling == default.sampling == SamplingOptions.preset("hide")
+    assert default.msi.timesteps_seen == paper.msi.timesteps_seen == 1500
+    assert quick.sampling.denoising_steps * 2 == default.sampling.denoising_steps == 80
+    assert quick.step_scale == 2.0 and default.step_scale == paper.step_scale == 1.0
+    assert ProtectOptions.preset("hide", "fast", step_scale=1.5).step_scale == 1.5  # overrides win
+    with pytest.raises(ValueError, match="speed"):
+        ProtectOptions.preset("hide", "fastest")
 
 
 def test_recover_refuses_keys_of_another_model(models):

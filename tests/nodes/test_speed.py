@@ -1,0 +1,150 @@
+"""Speed-ups of the ComfyUI bridge against its reference paths, in a real ComfyUI on the CPU: the guidance
+decoder is a copy of the VAE's decoder only, MSI Invert's no-grad inversion does not run through the
+trainable (weight-wrapping) UNet, the trainable UNet does not copy weights ComfyUI already copied, and the
+guided loop inside ComfyUI's sampler stack reads nothing back per step."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tests.support.syncs import count_host_reads
+from tests.support.toy_models import ToyRecognizer, toy_crop
+
+pytestmark = pytest.mark.comfyui
+
+
+def _pack(comfy_inprocess):
+    return comfy_inprocess.node_classes["DiffPrivacy_PrivacySampler"].__module__.split(".nodes.", 1)[0]
+
+
+def _load(path):
+    import comfy.sd
+
+    with torch.inference_mode():
+        return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_inprocess):
+    root = _pack(comfy_inprocess)
+    return lambda name: sys.modules[f"{root}.{name}"]
+
+
+@pytest.mark.parametrize("vae", ["taesd", "kl"])
+def test_guidance_decoder_copies_the_decoder_only(pack, make_tiny_checkpoint, vae):
+    autograd, models = pack("nodes.comfy.autograd"), pack("nodes.comfy.models")
+    model, _, comfy_vae = _load(make_tiny_checkpoint(vae=vae))
+    original = comfy_vae.first_stage_model
+    before = {name for name, _ in original.named_parameters()}
+    decoder = autograd.DifferentiableDecoder(comfy_vae, model)
+    full = autograd.private_copy(original, models.torch_device(), decoder.dtype)  # the reference: whole VAE
+    kept = {name for name, _ in decoder.module.named_parameters()}
+    assert kept and not any(name.split(".")[0] in autograd.ENCODER_PARTS for name in kept)
+    assert kept < before and {name for name, _ in original.named_parameters()} == before  # original untouched
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = full.decode(models.unscale_latent(model, z.clone()).to(decoder.dtype)).float()
+    leaf = z.clone().requires_grad_(True)
+    image = decoder(leaf)
+    torch.testing.assert_close(image.detach(), expected, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(image.square().mean(), leaf)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def counted(pack, tiny_checkpoint):
+    """A trainable ComfyBackend whose weight wrapper records, per call, whether it copied the weight."""
+    autograd, backend_module = pack("nodes.comfy.autograd"), pack("nodes.comfy.backend")
+    real = autograd._clone_weight
+    calls = []
+
+    def spy(w):
+        out = real(w)
+        calls.append(out is not w)
+        return out
+
+    autograd._clone_weight = spy  # grad_ready_model registers whatever the name holds when it runs
+    try:
+        model, clip, vae = _load(tiny_checkpoint)
+        with torch.inference_mode():
+            trainable = backend_module.ComfyBackend(model, clip, vae, trainable=True)
+            plain = backend_module.ComfyBackend(model, clip, vae)
+    finally:
+        autograd._clone_weight = real
+    return trainable, plain, calls
+
+
+def test_no_grad_inversion_bypasses_the_trainable_unet(pack, counted):
+    trainable, plain, calls = counted
+    sampling = pack("core.sampling")
+    g = torch.Generator().manual_seed(1)
+    z0, conds = torch.randn(1, 4, 8, 8, generator=g), 0.3 * torch.randn(10, 77, 768, generator=g)
+    with torch.inference_mode():
+        calls.clear()
+        z_trainable = sampling.ddim_invert(trainable, z0, conds, 4)
+        assert calls == []  # the clone's weight wrappers never ran
+        z_plain = sampling.ddim_invert(plain, z0, conds, 4)
+    torch.testing.assert_close(z_trainable, z_plain, rtol=0, atol=0)
+
+
+def test_trainable_unet_copies_no_weight_twice_and_keeps_the_gradient(pack, counted):
+    trainable, _, calls = counted
+    autograd = pack("nodes.comfy.autograd")
+    with torch.inference_mode():
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def grad():
+        with torch.inference_mode(False):
+            tokens = (0.02 * torch.ones(1, 768)).requires_grad_(True)
+            eps = trainable.predict_eps(z.clone(), torch.tensor([300]), trainable.encode_stage_tokens(tokens))
+            return torch.autograd.grad(eps.square().mean(), tokens)[0]
+
+    calls.clear()
+    reference_clone = autograd._clone_weight
+    ours = grad()
+    assert calls and not any(calls)  # every weight reached its op once: as ComfyUI's own private copy
+    # the reference path: a clone of every weight, as before
+    wrapped = [m for m in trainable.model.model.modules() if getattr(m, "weight_function", None)]
+    saved = [(m, list(m.weight_function), list(m.bias_function)) for m in wrapped]
+    try:
+        for m in wrapped:
+            m.weight_function = [lambda w: w.clone()]
+            m.bias_function = [lambda b: b.clone()] if m.bias_function else []
+        reference = grad()
+    finally:
+        for m, wf, bf in saved:
+            m.weight_function, m.bias_function = wf, bf
+    assert autograd._clone_weight is reference_clone
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+def test_guided_loop_in_comfy_reads_nothing_per_step(pack, tiny_checkpoint):
+    sampling, energies = pack("core.sampling"), pack("core.energies")
+    bridge_sampling, autograd = pack("nodes.comfy.sampling"), pack("nodes.comfy.autograd")
+    scheduler, types, keys = pack("nodes.embedding_scheduler"), pack("nodes.types"), pack("core.keys")
+    schedules = pack("core.schedules")
+    model, clip, vae = _load(tiny_checkpoint)
+    g = torch.Generator().manual_seed(3)
+    meta = keys.KeyMetadata(model_fingerprint="w1:x", ddim_steps=4, schedule="recover", msi_mode="lite",
+                            image_size=(64, 64))
+    embeds = types.PrivacyEmbeds(torch.randn(10, 768, generator=g), 0.3 * torch.randn(10, 77, 768, generator=g), meta)
+    with torch.inference_mode():
+        null = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        conditioning = scheduler.scheduled_conditioning(embeds, null, schedules.EmbeddingSchedule.preset("anonymize"))
+        z0 = torch.randn(1, 4, 8, 8, generator=g)
+        recognizer = ToyRecognizer(seed=1)
+        decoder = autograd.DifferentiableDecoder(vae, model)
+        source = recognizer(toy_crop(decoder(z0)))
+
+    def run(strength):
+        guidance = energies.IdentityGuidance(decoder, recognizer, toy_crop, source)
+        plan = sampling.protection_plan(z0, sampling.SamplingOptions(20, strength, 2, 0))
+        with torch.inference_mode(), count_host_reads() as reads:
+            bridge_sampling.run_plan_in_comfy(model, conditioning, plan, 0, guidance=guidance)
+        return reads
+
+    run(0.1)  # warm-up: loads, caches
+    short, long = run(0.2), run(0.5)  # 4 and 10 guided steps
+    assert short.total == long.total, (short, long)
