@@ -34,7 +34,7 @@ FROZEN = {
     "DiffPrivacy_FaceSelectionPreview": ("Face Selection Preview", [
         "image", "selection", "face_numbers", "fallback", "match_threshold", "recognizer", "reference", "verifiers"]),
     "DiffPrivacy_ProtectFaces": ("Protect Faces", [
-        "model", "clip", "vae", "recognizer", "image", "task", "selection", "face_numbers", "fallback",
+        "model", "clip", "vae", "recognizer", "image", "task", "speed", "selection", "face_numbers", "fallback",
         "match_threshold", "size", "msi_steps", "inversion_steps", "steps", "batch_size", "seed",
         "max_identity_similarity", "reference", "verifiers", "clip_vision"]),
     "DiffPrivacy_RecoverPhoto": ("Recover Photo", ["model", "clip", "vae", "keys", "image"]),

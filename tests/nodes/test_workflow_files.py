@@ -75,8 +75,8 @@ def test_ui_structure(name):
               "DiffPrivacy_IdentityEnergyGuidance": {"mode": "hide"},
               "DiffPrivacy_FaceRecognizerLoader": {"recognizer_name": "20180402-114759-vggface2.pt"}}),
     ("recover", {}),
-    ("protect_faces_quick", {"DiffPrivacy_ProtectFaces": {"task": "anonymize", "selection": "all", "size": 512,
-                                                          "msi_steps": 1500, "inversion_steps": 50, "steps": 0,
+    ("protect_faces_quick", {"DiffPrivacy_ProtectFaces": {"task": "anonymize", "speed": "default", "selection": "all",
+                                                          "size": 512, "msi_steps": 0, "inversion_steps": 50, "steps": 0,
                                                           "batch_size": 0, "seed": -1}}),
 ])
 def test_paper_settings_and_passphrase_source(name, values):
