@@ -451,3 +451,13 @@ def payload_to_photo_keys(payload: bytes, source: str = "<bytes>") -> PhotoKeys:
         return PhotoKeys(faces, geometry, tuple(info["photo_size"]))
     except (ValueError, TypeError, KeyError, RuntimeError, safetensors.SafetensorError) as e:
         raise ForeignKeyFileError(f"{source}: the authenticated payload is not a valid key set ({e})") from None
+
+
+def photo_keys_digest(keys: PhotoKeys) -> str:
+    """SHA-256 (hex) tying a gate receipt to a whole photo's keys: over each face's :func:`stage_conds_digest`
+    and geometry, in order. Holds no secret."""
+    h = hashlib.sha256()
+    for face, geometry in zip(keys.faces, keys.geometry):
+        h.update(stage_conds_digest(face.stage_conds).encode())
+        h.update(json.dumps(None if geometry is None else geometry.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()
