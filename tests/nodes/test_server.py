@@ -12,8 +12,8 @@ import os
 import pytest
 
 from .conftest import ComfyGraphError
-from .helpers import (SIZE, astronaut_png, load_api, node_ids, png_info, save_image_ids, saved_images, set_inputs,
-                      tiny)
+from .helpers import (SIZE, astronaut_png, load_api, node_ids, png_info, preview_ids, save_image_ids, saved_images,
+                      set_inputs, tiny)
 
 pytestmark = pytest.mark.comfyui
 
@@ -106,7 +106,7 @@ def test_save_without_its_passphrase_variable_is_refused_over_http(comfy_server,
     have, is refused whole (400) before anything runs: no key file appears."""
     photo = comfy_server.upload_image(tmp_path / astronaut_png(tmp_path), name="astronaut_http.png")["name"]
     graph = tiny(load_api("anonymize"), photo=photo, ckpt=comfy_server.models.checkpoint_name)
-    for node_id in save_image_ids(graph):
+    for node_id in save_image_ids(graph) + preview_ids(graph):
         del graph[node_id]
     set_inputs(graph, "DiffPrivacy_SaveKeys", passphrase="env:DIFF_PRIVACY_TEST_VARIABLE_NEVER_SET")
     before = sorted(os.listdir(comfy_server.models.keys))
