@@ -232,6 +232,30 @@ def test_face_align_selection_widgets(comfy_inprocess, group, models):
         _run(align, image=photo[None], size=SIZE, min_confidence=0.9, selection="match_reference", reference=photo[None])
 
 
+def test_face_align_fallback_faces_are_obscured_by_face_paste_back(comfy_inprocess):
+    """A face cut by the border beyond repair (an eye outside the photo): with fallback 'fail' Face Align stops
+    and lists it; with 'blur' it aligns the other two and Face Paste Back blurs that face's region, leaving every
+    pixel outside the three faces as it was."""
+    from core import faces
+    from tests.support.group_photo import group_photo
+
+    photo = group_photo(heads=((1.4, False, 30, 90), (0.63, True, 330, 200), (1.0, False, 610, 100)))
+    align = comfy_inprocess.node_classes["DiffPrivacy_FaceAlign"]
+    with pytest.raises(Exception, match="face 3 .*cut by the photo border") as error:
+        _run(align, image=photo[None], size=SIZE, min_confidence=0.9)
+    assert type(error.value).__name__ == "UnprocessableFacesError" and "Face Align" in str(error.value)
+    aligned, alignment, _, _ = _run(align, image=photo[None], size=SIZE, min_confidence=0.9, fallback="blur")
+    assert [f.number for f in alignment.faces] == [1, 2] and len(alignment.photos[0].fallbacks) == 1
+    crops = torch.rand(2 * BATCH, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(2))
+    (photos,) = _run(comfy_inprocess.node_classes["DiffPrivacy_FacePasteBack"], faces=crops, alignment=alignment,
+                     feather=0.1)
+    blurred = faces.source_mask(alignment.photos[0].fallbacks[0])
+    union = torch.stack([blurred] + [faces.source_mask(f.aligned) for f in alignment.faces]).amax(dim=0)
+    for out in photos:
+        assert torch.equal(out[union == 0], photo[union == 0])
+        assert (out[blurred == 1] - photo[blurred == 1]).abs().mean() > 0.02
+
+
 # ------------------------------------------------------------------------------- faces are kept apart
 def test_comfyui_tiles_a_conditioning_of_n_faces_sample_major(comfy_inprocess):
     """What Privacy Sampler relies on, read in ComfyUI's source (comfy/samplers.py get_area_and_mult calls
