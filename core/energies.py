@@ -2,8 +2,9 @@
 
 Embeddings are face-recognition feature vectors f [B, D] (D = 512 for ArcFace/FaceNet) and a source
 reference f_src [1, D] or [D] — or, for a batch holding the samples of several faces, one row per face
-[faces, D] with the batch in sample-major order (sample b of face i at row b·faces + i). The energies normalise their inputs themselves, so they are correct (values
-*and* gradients) for embeddings that are not unit-norm; callers need not normalise first.
+[faces, D] with the batch in sample-major order (sample b of face i at row b·faces + i). The energies
+normalise their inputs themselves, so they are correct (values *and* gradients) for embeddings that are not
+unit-norm; callers need not normalise first.
 
 Energies are computed in at least float32 (float64 inputs stay float64 so finite-difference checks work).
 The guidance gradient is taken w.r.t. the clean-latent estimate x̂₀ (official, "x0") or w.r.t. the noisy

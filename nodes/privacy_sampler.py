@@ -29,7 +29,6 @@ from .types import CATEGORY, GuidanceType, PrivacyEmbedsType, PrivacyReceipt, Re
 #: the widgets' defaults are the official anonymization settings (hide's are in workflows/hide.json)
 ANONYMIZE = sampling.SamplingOptions.preset("anonymize")
 IMAGE = "image at Privacy Sampler's 'image' input"
-#: Face k of the report (FaceEntry.index, IdentityScore.face) is the k-th image of the 'image' input (0-based).
 #: the report's preset label: the node's widgets are the settings (recorded in full in the report)
 REPORT_PRESET = "custom"
 
@@ -212,6 +211,7 @@ class PrivacySampler(io.ComfyNode):
                 outside += outside_face_metrics(sources[k % faces], results[k : k + 1],
                                                 face_region(background_mask, (height, width), k % faces))
         fingerprint = model_fingerprint(model)
+        # face k of the report (FaceEntry.index, IdentityScore.face) is image k of the source input (0-based)
         entries = [FaceEntry(face, (0.0, 0.0, float(width), float(height)), [s for s in scores if s.face == face],
                              faces_still_detected(sampling.face_samples(results, faces, face), verifiers))
                    for face in range(faces)]

@@ -11,7 +11,6 @@ Invert, and the whole sampler with its conditioning, guidance and background pas
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -229,7 +228,8 @@ def test_face_align_selection_widgets(comfy_inprocess, group, models):
     with pytest.raises(Exception, match="do not exist"):
         _run(align, image=photo[None], size=SIZE, min_confidence=0.9, selection="index", face_numbers="4")
     with pytest.raises(ValueError, match="recognizer"):
-        _run(align, image=photo[None], size=SIZE, min_confidence=0.9, selection="match_reference", reference=photo[None])
+        _run(align, image=photo[None], size=SIZE, min_confidence=0.9, selection="match_reference",
+             reference=photo[None])
 
 
 def test_face_align_fallback_faces_are_obscured_by_face_paste_back(comfy_inprocess):
