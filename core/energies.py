@@ -1,8 +1,10 @@
 """Identity energies, guidance step sizes and the guidance gradient of Diff-Privacy (docs/method.md §4, §8.4).
 
 Embeddings are face-recognition feature vectors f [B, D] (D = 512 for ArcFace/FaceNet) and a source
-reference f_src [1, D] or [D]. The energies normalise their inputs themselves, so they are correct (values
-*and* gradients) for embeddings that are not unit-norm; callers need not normalise first.
+reference f_src [1, D] or [D] — or, for a batch holding the samples of several faces, one row per face
+[faces, D] with the batch in sample-major order (sample b of face i at row b·faces + i). The energies
+normalise their inputs themselves, so they are correct (values *and* gradients) for embeddings that are not
+unit-norm; callers need not normalise first.
 
 Energies are computed in at least float32 (float64 inputs stay float64 so finite-difference checks work).
 The guidance gradient is taken w.r.t. the clean-latent estimate x̂₀ (official, "x0") or w.r.t. the noisy
@@ -36,23 +38,45 @@ def _loss_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _as_reference(f_src: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Reference embedding as [1, D] on f's device in f's dtype, checked against f [B, D]."""
+def _check_faces(faces: int) -> int:
+    if isinstance(faces, bool) or int(faces) != faces or faces < 1:
+        raise ValueError(f"faces must be an integer ≥ 1, got {faces!r}")
+    return int(faces)
+
+
+def _as_reference(f_src: torch.Tensor, f: torch.Tensor, faces: int = 1) -> torch.Tensor:
+    """Reference embeddings on f's device in f's dtype, checked against f [B, D].
+
+    One face (``faces`` = 1): f_src [1, D] or [D] → [1, D], the reference of every sample. Several faces:
+    f_src [faces, D] → [B, D] with row k = f_src[k % faces], for a sample-major batch (sample b of face i at
+    row b·faces + i, the order in which ComfyUI tiles a conditioning of batch ``faces`` over the latent
+    batch); B must be a multiple of ``faces``.
+    """
+    faces = _check_faces(faces)
     if f.dim() != 2:
         raise ValueError(f"embeddings must have shape [B, D], got {tuple(f.shape)}")
     ref = f_src.reshape(1, -1) if f_src.dim() == 1 else f_src
-    if ref.dim() != 2 or ref.shape[0] != 1 or ref.shape[1] != f.shape[1]:
+    if ref.dim() != 2 or ref.shape[0] != faces or ref.shape[1] != f.shape[1]:
+        expected = f"[1, {f.shape[1]}] or [{f.shape[1]}]" if faces == 1 else f"[{faces}, {f.shape[1]}]"
         raise ValueError(
-            f"source embedding must have shape [1, {f.shape[1]}] or [{f.shape[1]}], got {tuple(f_src.shape)}; "
+            f"source embedding must have shape {expected} for {faces} face(s), got {tuple(f_src.shape)}; "
             "compute it with the same face recognizer as the guidance"
         )
-    return ref.to(device=f.device, dtype=f.dtype)
+    if f.shape[0] % faces:
+        raise ValueError(f"a batch of {f.shape[0]} samples cannot hold the same number of samples of each of "
+                         f"{faces} faces")
+    ref = ref.to(device=f.device, dtype=f.dtype)
+    return ref if faces == 1 else ref.repeat(f.shape[0] // faces, 1)
 
 
-def cosine_to_source(f: torch.Tensor, f_src: torch.Tensor) -> torch.Tensor:
-    """cos(f_i, f_src) for embeddings f [B, D] and f_src [1, D] or [D] → [B] in [−1, 1] (≥ float32)."""
+def cosine_to_source(f: torch.Tensor, f_src: torch.Tensor, faces: int = 1) -> torch.Tensor:
+    """cos(f_k, source of sample k) for embeddings f [B, D] → [B] in [−1, 1] (≥ float32).
+
+    ``f_src`` is [1, D] or [D] for one face, or [faces, D] for a sample-major batch of several faces (sample k
+    belongs to face k % faces; see :func:`_as_reference`).
+    """
     f = f.to(_loss_dtype(f))
-    ref = _as_reference(f_src, f)
+    ref = _as_reference(f_src, f, faces)
     return (F.normalize(f, dim=-1) * F.normalize(ref, dim=-1)).sum(dim=-1)
 
 
@@ -62,22 +86,36 @@ def pairwise_cosines(f: torch.Tensor) -> torch.Tensor:
     return u @ u.transpose(0, 1)
 
 
-def anonymization_energy(f: torch.Tensor, f_src: torch.Tensor, diversity_weight: float = 1.0) -> torch.Tensor:
-    """E_anon = Σ_i relu(cos(f_i, f_src)) + λ_div·Σ_{i<j} relu(cos(f_i, f_j)) → scalar ≥ 0.
+def same_face_pairs(batch: int, faces: int = 1, device=None) -> torch.Tensor:
+    """[B, B] bool: True where samples k and l of a sample-major batch belong to the same face (k ≡ l mod faces)."""
+    k = torch.arange(batch, device=device)
+    return (k[:, None] % faces) == (k[None, :] % faces)
+
+
+def anonymization_energy(f: torch.Tensor, f_src: torch.Tensor, diversity_weight: float = 1.0,
+                         faces: int = 1) -> torch.Tensor:
+    """E_anon = Σ_k relu(cos(f_k, f_src)) + λ_div·Σ_{k<l} relu(cos(f_k, f_l)) → scalar ≥ 0.
 
     The first sum pushes every sample away from the source identity; the hinge stops at orthogonality.
-    The second (official λ_div = 1) pushes the B samples of one run apart.
+    The second (official λ_div = 1) pushes the B samples of one run apart. With several ``faces`` (f_src
+    [faces, D], a sample-major batch) each sample is pushed away from its own face and only the samples of the
+    same face are pushed apart, so the energy is the sum of the faces' own energies.
     """
-    energy = cosine_to_source(f, f_src).relu().sum()
+    faces = _check_faces(faces)
+    energy = cosine_to_source(f, f_src, faces).relu().sum()
     if diversity_weight != 0.0 and f.shape[0] > 1:
         # strict upper triangle: each unordered pair once; the zeroed entries contribute relu(0) = 0
-        energy = energy + diversity_weight * pairwise_cosines(f).triu(diagonal=1).relu().sum()
+        gram = pairwise_cosines(f).triu(diagonal=1)
+        if faces > 1:
+            gram = gram * same_face_pairs(f.shape[0], faces, f.device)
+        energy = energy + diversity_weight * gram.relu().sum()
     return energy
 
 
-def hiding_energy(f: torch.Tensor, f_src: torch.Tensor) -> torch.Tensor:
-    """E_hide = Σ_i (1 − cos(f_i, f_src)) → scalar in [0, 2B]; pulls every sample toward the source identity."""
-    return (1.0 - cosine_to_source(f, f_src)).sum()
+def hiding_energy(f: torch.Tensor, f_src: torch.Tensor, faces: int = 1) -> torch.Tensor:
+    """E_hide = Σ_k (1 − cos(f_k, f_src)) → scalar in [0, 2B]; pulls every sample toward the source identity
+    (its own face's with several ``faces``, see :func:`cosine_to_source`)."""
+    return (1.0 - cosine_to_source(f, f_src, faces)).sum()
 
 
 # ---------------------------------------------------------------------------------------- step sizes
@@ -145,7 +183,10 @@ class IdentityGuidance:
     ``decode``: scaled latent [B,4,h,w] → image [B,3,H,W] ≈ [−1,1], differentiable, not clamped.
     ``recognizer``: face crop [B,3,S,S] → embedding [B,D]. ``crop``: image [B,3,H,W] → [B,3,S,S]
     (official ArcFace crop: nearest resize + fixed box; smoother resizes give smoother gradients).
-    ``source_embedding``: f_src [1,D] or [D] from the same recognizer and crop.
+    ``source_embedding``: f_src [1,D] or [D] from the same recognizer and crop; [faces,D] for several faces.
+    ``faces``: how many source faces one batch holds (≥ 1). With several, the batch is sample-major: sample b
+    of face i is row b·faces + i (how ComfyUI tiles a conditioning of batch ``faces`` over the latent batch), each
+    sample is guided toward/away from its own face's embedding, and diversity acts within a face's samples only.
     ``target``: "x0" (official) differentiates w.r.t. x̂₀ through decoder and recognizer only; "xt" also
     through the denoiser (see :meth:`gradient_through`).
     ``clamp_decoded``: straight-through clamp of the decoded image to [−1,1] (official: off).
@@ -167,6 +208,7 @@ class IdentityGuidance:
     max_grad_norm: float | None = None
     decode_dtype: torch.dtype | None = None
     autograd_modules: tuple[nn.Module, ...] = ()
+    faces: int = 1
     _references: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -178,10 +220,14 @@ class IdentityGuidance:
             self.step_size = StepSizeSchedule.preset(self.mode)
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        self.faces = _check_faces(self.faces)
         emb = self.source_embedding
-        if not isinstance(emb, torch.Tensor) or emb.dim() not in (1, 2) or (emb.dim() == 2 and emb.shape[0] != 1):
+        if (not isinstance(emb, torch.Tensor) or emb.dim() not in (1, 2) or (emb.dim() == 1 and self.faces != 1)
+                or (emb.dim() == 2 and emb.shape[0] != self.faces)):
             shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-            raise ValueError(f"source_embedding must be a tensor of shape [1, D] or [D], got {shape}")
+            expected = "[1, D] or [D]" if self.faces == 1 else f"[{self.faces}, D]"
+            raise ValueError(f"source_embedding must be a tensor of shape {expected} for {self.faces} face(s), "
+                             f"got {shape}")
         self.autograd_modules = tuple(self.autograd_modules)
 
     # -- forward pieces
@@ -213,8 +259,8 @@ class IdentityGuidance:
         """The task's energy of embeddings f [B,D] → scalar."""
         ref = self._reference(f)
         if self.mode == "anonymize":
-            return anonymization_energy(f, ref, self.diversity_weight)
-        return hiding_energy(f, ref)
+            return anonymization_energy(f, ref, self.diversity_weight, self.faces)
+        return hiding_energy(f, ref, self.faces)
 
     def energy(self, x0: torch.Tensor) -> torch.Tensor:
         """E(x̂₀) for clean latents [B,4,h,w] → scalar tensor (float32, or float64 for float64 models)."""
@@ -222,9 +268,10 @@ class IdentityGuidance:
 
     @torch.no_grad()
     def similarities(self, x0: torch.Tensor) -> torch.Tensor:
-        """cos(f(x̂₀_i), f_src) → [B], without gradient (for reporting)."""
+        """cos(f(x̂₀_k), source of sample k) → [B], without gradient (for reporting); with several faces the
+        batch is sample-major (face of sample k: k % faces)."""
         f = self.embeddings(x0)
-        return cosine_to_source(f, self._reference(f))
+        return cosine_to_source(f, self._reference(f), self.faces)
 
     # -- gradients
     def _prepare_modules(self) -> None:

@@ -252,7 +252,7 @@ def protect_face(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned:
     image = _to_model(aligned.crop, backend.device)
     fit = msi.train_msi(backend, image, options.msi, vision=vision, progress=stage("msi"), cancel=cancel)
     with torch.no_grad():
-        z0 = backend.encode_image(image)
+        z0 = fit.source_latent if fit.source_latent is not None else backend.encode_image(image)  # encoded once
         z_T = sampling.ddim_invert(backend, z0, fit.stage_conds, options.inversion_steps,
                                    progress=stage("inversion"), cancel=cancel)
     face_crop = face_crop_for(options.crop, recognizer, aligned.crop)
@@ -316,17 +316,9 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
         protected.append(protect_face(backend, recognizer, aligned, options, number=planned.number,
                                       box=planned.box, verifiers=verifiers, vision=vision, progress=face_progress,
                                       cancel=cancel))
-    base = photo
-    changed = torch.zeros(photo.shape[:2])
-    for planned in plan.with_action("fallback"):
-        aligned = faces.align_face(photo, planned.detection, size=64)
-        base = faces.obscure_face(base, aligned, plan.fallback)
-        changed = torch.maximum(changed, faces.source_mask(aligned))
-    batch = options.sampling.batch_size
-    photos = base.unsqueeze(0).repeat(batch, 1, 1, 1)
-    for face in protected:
-        photos = faces.paste_into(photos, face.crops, face.aligned)
-        changed = torch.maximum(changed, faces.source_mask(face.aligned))
+    photos, changed = compose_photo(photo, [(f.aligned, f.crops) for f in protected],
+                                    fallback_alignments(photo, plan), fallback_kind(plan),
+                                    options.sampling.batch_size)
     keys = None
     if protected:
         keys = PhotoKeys([f.keys for f in protected], [f.geometry() for f in protected], plan.photo_size)
@@ -340,6 +332,48 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
         outside_faces=outside_face_metrics(photo, photos, changed),
         seconds=time.monotonic() - started)
     return ProtectedPhoto(photos, protected, keys, plan, report, draw_face_numbers(photo, plan))
+
+
+#: Side of the alignment that locates a fallback face's region (only its geometry is used, never its pixels).
+FALLBACK_ALIGN_SIZE = 64
+
+
+def fallback_kind(plan_or_selection) -> str:
+    """How fallback faces are obscured: the plan's (or selection's) "blur" or "fill" ("fill" if it says "fail",
+    which leaves no fallback face in a plan anyway)."""
+    return plan_or_selection.fallback if plan_or_selection.fallback != "fail" else "fill"
+
+
+def fallback_alignments(photo: torch.Tensor, plan: FacePlan) -> list[faces.AlignedFace]:
+    """The alignments (geometry) of the plan's fallback faces, in reading order, for :func:`compose_photo`."""
+    return [faces.align_face(photo, p.detection, size=FALLBACK_ALIGN_SIZE) for p in plan.with_action("fallback")]
+
+
+def compose_photo(photo: torch.Tensor, pasted: Sequence[tuple[faces.AlignedFace, torch.Tensor]],
+                  fallbacks: Sequence[faces.AlignedFace] = (), fallback: str = "fill", batch: int = 1,
+                  feather: float = faces.PASTE_FEATHER) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every face's result in the one photo: the fallback faces obscured (:func:`core.faces.obscure_face`,
+    ``fallback`` "blur" or "fill"), then each face's crops [B,S,S,3] in [0,1] pasted where its alignment says
+    (:func:`core.faces.paste_into`, sample b into photo b, feathered by ``feather``).
+
+    photo: [H,W,3] in [0,1]; batch: B (the number of crops of every pasted face). Returns (photos [B,H,W,3]
+    float32, changed [H,W] in [0,1]: the union of the masks of every face region written; everywhere it is 0
+    the photos equal ``photo`` exactly). Shared by :func:`protect_photo` and the Face Paste Back node.
+
+    Raises:
+        InvalidImageError: a face aligned on a photo of another size, or crops that are not [B,S,S,3].
+    """
+    photo = photo.float()
+    base = photo
+    changed = torch.zeros(photo.shape[:2])
+    for aligned in fallbacks:
+        base = faces.obscure_face(base, aligned, fallback)
+        changed = torch.maximum(changed, faces.source_mask(aligned))
+    photos = base.unsqueeze(0).repeat(batch, 1, 1, 1)
+    for aligned, crops in pasted:
+        photos = faces.paste_into(photos, crops, aligned, feather=feather)
+        changed = torch.maximum(changed, faces.source_mask(aligned, feather=feather))
+    return photos, changed
 
 
 def faces_still_detected(results: torch.Tensor, verifiers: Sequence[Verifier]) -> list[bool]:

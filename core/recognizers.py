@@ -443,6 +443,40 @@ class FaceCrop:
         return box_crop(images, self.box, self.size, margin=self.margin)
 
 
+@dataclass(frozen=True)
+class FaceCrops:
+    """One :class:`FaceCrop` per source face, for a sample-major batch of several faces' samples (sample b of
+    face i at row b·N + i, N = len(crops)): row k is cropped with crops[k % N]. Needed where the crop depends
+    on the face (mode "box": each face's own detector box). Callable: images [N·B,3,H,W] → [N·B,3,S,S]; every
+    crop must have the same output size S.
+
+    Raises:
+        ValueError: no crops, crops of different sizes (when constructed), or a batch that is not a multiple
+            of N (when called).
+    """
+
+    crops: tuple[FaceCrop, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "crops", tuple(self.crops))
+        if not self.crops:
+            raise ValueError("FaceCrops needs at least one crop")
+        if len({c.size for c in self.crops}) != 1:
+            raise ValueError(f"every face's crop must have the same size, got {[c.size for c in self.crops]}")
+
+    @property
+    def size(self) -> int:
+        return self.crops[0].size
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        n = len(self.crops)
+        if images.shape[0] % n:
+            raise ValueError(f"a batch of {images.shape[0]} images cannot hold the same number of samples of "
+                             f"{n} faces")
+        parts = [crop(images[i::n]) for i, crop in enumerate(self.crops)]
+        return torch.stack(parts, dim=1).reshape(-1, *parts[0].shape[1:])  # [B,N,...] → row b·N + i
+
+
 def reference_embedding(recognizer: FaceRecognizer, crop: FaceCrop, image: torch.Tensor) -> torch.Tensor:
     """Identity embedding of a reference image [3,H,W] or [B,3,H,W] in [−1,1] → float32 [1,512], no grad.
 

@@ -270,6 +270,36 @@ def protection_plan(z0: torch.Tensor, options: SamplingOptions) -> SamplingPlan:
     return SamplingPlan(x, sampling_sigmas(start.denoise_timesteps), tuple(start.denoise_timesteps))
 
 
+def faces_protection_plan(z0: torch.Tensor, options: SamplingOptions) -> SamplingPlan:
+    """:func:`protection_plan` for N source latents z0 [N,4,h,w] at once, in sample-major order: row b·N + i
+    of ``x`` [N·B,4,h,w] is sample b of face i, started from the same seeded noise ε^(b) as a one-face plan of
+    that face (so each face's samples equal its own one-face run). Sample-major is the order in which ComfyUI
+    repeats a conditioning of batch N over a latent batch of N·B (``comfy.utils.repeat_to_batch_size`` tiles:
+    row k gets cond k % N), so face i's key-E conditions exactly its own samples.
+
+    Raises:
+        ValueError: if z0 is not [N,4,h,w] with N ≥ 1.
+    """
+    if z0.dim() != 4 or z0.shape[0] < 1:
+        raise ValueError(f"source latents must have shape [N,4,h,w], got {tuple(z0.shape)}")
+    plans = [protection_plan(z0[i : i + 1], options) for i in range(z0.shape[0])]
+    x = torch.stack([p.x for p in plans], dim=1).reshape(-1, *z0.shape[1:])  # [B,N,...] → row b·N + i
+    return SamplingPlan(x, plans[0].sigmas, plans[0].timesteps)
+
+
+def sample_major(per_face: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per-face values [N,...] repeated for B = ``batch_size`` samples each in sample-major order → [N·B,...]
+    (row b·N + i = per_face[i]), e.g. each face's source latent and background mask for the whole batch."""
+    return per_face.repeat(batch_size, *([1] * (per_face.dim() - 1)))
+
+
+def face_samples(batch: torch.Tensor, faces: int, face: int) -> torch.Tensor:
+    """The B samples [B,...] of face ``face`` (0-based) in a sample-major batch [N·B,...] of ``faces`` faces."""
+    if batch.shape[0] % faces:
+        raise ValueError(f"a batch of {batch.shape[0]} cannot hold the same number of samples of {faces} faces")
+    return batch[face::faces]
+
+
 def recovery_plan(z_T: torch.Tensor, num_steps: int) -> SamplingPlan:
     """Recovery from key-I: the full descending grid of ``num_steps`` (must equal the inversion's) down to
     σ_final = σ(0), starting from z_T [B,4,h,w] (VP) read in σ space at the top of the grid."""

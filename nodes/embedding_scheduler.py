@@ -16,7 +16,14 @@ TASK_TOOLTIP = (f"anonymize: stages for t > {PRESET_SWITCH_TIMESTEPS['anonymize'
 
 
 def scheduled_conditioning(embeds, null_conditioning, schedule: EmbeddingSchedule) -> list:
-    """CONDITIONING entries (one per active stage + null) whose start/end percents tile [0, 1]."""
+    """CONDITIONING entries (one per active stage + null) whose start/end percents tile [0, 1].
+
+    Each stage entry holds that stage's conditioning of every face, [N,77,D] in the faces' order. ComfyUI
+    repeats a conditioning of batch N over a latent batch of N·B by tiling (``comfy.utils.repeat_to_batch_size``
+    in ``CONDRegular.process_cond``: latent row k gets cond row k % N), so in a sample-major batch (sample b of
+    face i at row b·N + i, how Privacy Sampler orders it) every sample is conditioned by its own face's key-E.
+    The null entry [1,77,D] is shared by every sample.
+    """
     ranges = schedule.percent_ranges()
     check_tiling(ranges)
     pooled_null = null_conditioning[0][1].get("pooled_output") if null_conditioning else None
@@ -28,7 +35,7 @@ def scheduled_conditioning(embeds, null_conditioning, schedule: EmbeddingSchedul
                                  "empty prompt to 'null_conditioning'")
             out += with_timestep_range(null_conditioning, r.start_percent, r.end_percent)
         else:
-            cond = embeds.stage_conds[r.stage : r.stage + 1].clone()
+            cond = embeds.face_conds[:, r.stage].clone()
             extras = {"pooled_output": pooled_null} if pooled_null is not None else {}
             out += with_timestep_range([[cond, extras]], r.start_percent, r.end_percent)
     return out
@@ -42,7 +49,9 @@ class EmbeddingScheduler(io.ComfyNode):
             display_name="Embedding Scheduler",
             category=CATEGORY,
             description="Turns MSI embeddings into one CONDITIONING with timestep ranges: stage conditionings "
-                        "while t > switch, null text below. Works with any sampler, plain KSampler included.",
+                        "while t > switch, null text below. Works with any sampler, plain KSampler included. "
+                        "key-E of N faces conditions a latent batch of N·B in sample-major order (sample b of "
+                        "face i at b·N + i), as Privacy Sampler orders its samples.",
             inputs=[
                 PrivacyEmbedsType.Input("embeds", tooltip="key-E from MSI Invert or Load Privacy Keys."),
                 io.Conditioning.Input("null_conditioning", tooltip="CLIP Text Encode of an empty prompt (\"\")."),

@@ -1,12 +1,14 @@
 """Face Recognizer Loader and Identity Energy Guidance."""
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io
 
 from ..core.energies import MODES, TARGETS, IdentityGuidance, StepSizeSchedule
 from ..core.gate import check_identity_gate
 from ..core.pipeline import GUIDANCE_CROPS, ProtectOptions, face_crop_for, score_results
-from ..core.recognizers import load_recognizer, reference_embedding
+from ..core.recognizers import FaceCrops, load_recognizer, reference_embedding
+from ..core.sampling import face_samples
 from .comfy.folders import KNOWN_RECOGNIZER_FILES, list_recognizer_files, missing_recognizer_message, recognizer_path
 from .comfy.models import check_model, check_vae, to_compute_device
 from .comfy.sampling import EXACT_SAMPLERS, PrivacyGuider
@@ -40,12 +42,24 @@ GUIDER_TOOLTIP = (f"For SamplerCustomAdvanced (needs model, vae and conditioning
 def guider_gate(spec: GuidanceSpec):
     """The identity gate of the GUIDER output: ``gate(guidance, z)`` scores the sampled latents z (scaled)
     with the guiding recognizer through the guidance's own decoder and raises ProtectionFailedError (core/gate.py)
-    unless every score passes. No verifier is configured here, so only the guiding scores exist."""
+    unless every score passes. No verifier is configured here, so only the guiding scores exist. With N source
+    faces the batch is sample-major and each face is scored on its own samples (face i: rows i, i+N, …)."""
 
     def gate(guidance: IdentityGuidance, z) -> None:
-        check_identity_gate(score_results(spec.mode, (spec.recognizer.name, guidance.similarities(z)), None, None,
-                                          (), spec.max_identity_similarity))
+        similarities = guidance.similarities(z)
+        scores = []
+        for face in range(spec.faces):
+            scores += score_results(spec.mode, (spec.recognizer.name, face_samples(similarities, spec.faces, face)),
+                                    None, None, (), spec.max_identity_similarity, face=face)
+        check_identity_gate(scores)
     return gate
+
+
+def guidance_crop(mode: str, recognizer, sources: torch.Tensor):
+    """The recognizer's view of each source face [N,S,S,3] in [0,1] for crop ``mode``: one FaceCrop when it is
+    the same for every face, else FaceCrops (mode "detect": each face's own box)."""
+    crops = [face_crop_for(mode, recognizer, source) for source in sources]
+    return crops[0] if all(c == crops[0] for c in crops) else FaceCrops(tuple(crops))
 
 
 class FaceRecognizerLoader(io.ComfyNode):
@@ -88,11 +102,14 @@ class IdentityEnergyGuidance(io.ComfyNode):
             category=CATEGORY,
             description="Gradient of a face-recognition energy on the predicted clean image at every step: "
                         "anonymize pushes away from the source identity (and the samples apart), hide pulls "
-                        "machine identity toward the source. Also a GUIDER for SamplerCustomAdvanced.",
+                        "machine identity toward the source. N source faces: each sample of the sampler's "
+                        "sample-major batch (sample b of face i at b·N + i) is guided by its own face, and only a "
+                        "face's own samples are pushed apart. Also a GUIDER for SamplerCustomAdvanced.",
             inputs=[
                 RecognizerType.Input("recognizer", tooltip="From Face Recognizer Loader (paper: ArcFace for "
                                                            "anonymize, FaceNet for hide)."),
-                io.Image.Input("source", tooltip="The face being protected (the same aligned image as MSI Invert)."),
+                io.Image.Input("source", tooltip="The faces being protected (the same aligned images as MSI Invert): "
+                                                 "each sample is guided toward/away from its own face."),
                 io.Combo.Input("mode", options=list(MODES), default=DEFAULTS.task,
                                tooltip="anonymize: FR must not match the source; hide: FR must still match."),
                 io.Combo.Input("step_schedule", options=STEP_SCHEDULES, default="official",
@@ -135,9 +152,11 @@ class IdentityEnergyGuidance(io.ComfyNode):
         if vae is not None:
             check_vae(vae, NODE)
         recognizer = to_compute_device(recognizer)
-        src = to_model_image(source[:1], SOURCE)  # checks the size first, in the node's terms
-        face_crop = face_crop_for(crop, recognizer, rgb(source[:1], SOURCE)[0].float().cpu())
-        embedding = reference_embedding(recognizer, face_crop, src)
+        src = to_model_image(source, SOURCE)  # checks the size first, in the node's terms
+        face_crop = guidance_crop(crop, recognizer, rgb(source, SOURCE).float().cpu())
+        crops = face_crop.crops if isinstance(face_crop, FaceCrops) else [face_crop] * src.shape[0]
+        # one embedding per face (reference_embedding would average several images into one identity)
+        embedding = torch.cat([reference_embedding(recognizer, c, src[i : i + 1]) for i, c in enumerate(crops)])
         if step_schedule == "official":
             steps = StepSizeSchedule.preset(mode).scaled(step_scale)
         else:

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from comfy_api.latest import io, ui
 
 from ..core.autograd import as_normal
@@ -311,7 +312,8 @@ class SavePrivacyKeys(io.ComfyNode):
                         "<prefix>_<NNNNN>.dpkey (next free number, never replacing a file) in the keys folder: "
                         "<ComfyUI models>/diff_privacy_keys, or where extra_model_paths.yaml maps "
                         "diff_privacy_keys. ComfyUI serves no model folder over HTTP (unlike output/). Whoever "
-                        "holds the file and passphrase can restore the face.",
+                        "holds the file and passphrase can restore the face. With Face Align's alignment: one file "
+                        "per photo of its batch, holding every protected face of that photo and where it sits.",
             is_output_node=True,
             inputs=[
                 PrivacyEmbedsType.Input("embeds", tooltip="key-E from MSI Invert."),
@@ -325,10 +327,12 @@ class SavePrivacyKeys(io.ComfyNode):
                                   tooltip="From Privacy Sampler: it exists only once the identity gate has passed, "
                                           "so keys are never saved for a failed or cancelled run."),
                 AlignmentType.Input("alignment", optional=True,
-                                    tooltip="From Face Align: also stores where the face sits in the photo, so "
-                                            "Recover Photo can restore the whole photo (not only the face crop)."),
+                                    tooltip="From Face Align: also stores where each face sits in its photo, one key "
+                                            "file per photo, so Recover Photo can restore the whole photo (not only "
+                                            "the face crops). Required for the keys of several faces."),
             ],
-            outputs=[io.String.Output(display_name="path", tooltip="Where the key file was written.")],
+            outputs=[io.String.Output(display_name="path",
+                                      tooltip="Where the key file(s) were written, one per line.")],
         )
 
     @classmethod
@@ -347,18 +351,64 @@ class SavePrivacyKeys(io.ComfyNode):
                 alignment=None) -> io.NodeOutput:
         check_receipt(receipt, embeds)
         secret = save_passphrase(passphrase, allow_plaintext)
-        # key-I travels as a LATENT (unscaled, what MSI Invert outputs); the file stores the scaled z_T. Key
-        # files belong to SD1.x checkpoints, so without a MODEL input the SD1.x latent format converts it.
-        z_T = as_normal(to_scaled_latent(None, key_latent).cpu())
-        keys = PrivacyKeys(as_normal(embeds.stage_tokens), as_normal(embeds.stage_conds), z_T, embeds.metadata)
-        if alignment is not None:
-            if tuple(keys.metadata.image_size) != (alignment.aligned.size, alignment.aligned.size):
-                raise ValueError(f"{SAVE_NODE}: the keys are for a {keys.metadata.image_size[1]} px face crop but "
-                                 f"the alignment at its 'alignment' input made {alignment.aligned.size} px crops; "
-                                 f"connect the Face Align node that fed MSI Invert.")
-            keys = PhotoKeys([keys], [alignment.geometry()], alignment.aligned.source_size)
-        path = write_key_file(keys, filename_prefix, secret, allow_plaintext)
-        return io.NodeOutput(str(path), ui=ui.PreviewText(f"keys saved: {path.name}"))
+        keys = face_keys(embeds, key_latent)
+        if alignment is None:
+            if len(keys) > 1:
+                raise ValueError(f"{SAVE_NODE}: the keys at its 'embeds' input are those of {len(keys)} faces; connect "
+                                 f"Face Align's 'alignment' output to its 'alignment' input, so each photo's faces are "
+                                 f"saved in that photo's key file with where they sit. Nothing was saved.")
+            path = write_key_file(keys[0], filename_prefix, secret, allow_plaintext)
+            return io.NodeOutput(str(path), ui=ui.PreviewText(f"keys saved: {path.name}"))
+        photos = photo_keys_of(keys, alignment)
+        paths = [write_key_file(photo, filename_prefix, secret, allow_plaintext) for photo in photos if photo]
+        lines = [f"photo {p + 1}: no face protected by the method, so no key file"
+                 for p, photo in enumerate(photos) if photo is None]
+        return io.NodeOutput("\n".join(str(p) for p in paths),
+                             ui=ui.PreviewText("\n".join(["keys saved: " + ", ".join(p.name for p in paths), *lines])))
+
+
+def face_keys(embeds: PrivacyEmbeds, key_latent: dict) -> list[PrivacyKeys]:
+    """Each face's key set from key-E of N faces and key-I [N,4,h,w] (one face: key-I as given).
+
+    key-I travels as a LATENT (unscaled, what MSI Invert outputs); the files store the scaled z_T. Key files
+    belong to SD1.x checkpoints, so without a MODEL input the SD1.x latent format converts it.
+
+    Raises:
+        ValueError: key-I holds another number of latents than key-E holds faces.
+    """
+    z_T = as_normal(to_scaled_latent(None, key_latent).cpu())
+    faces = embeds.num_faces
+    if faces == 1:
+        return [PrivacyKeys(as_normal(embeds.stage_tokens), as_normal(embeds.stage_conds), z_T, embeds.metadata)]
+    if z_T.shape[0] != faces:
+        raise ValueError(f"{SAVE_NODE}: its 'key_latent' holds {z_T.shape[0]} latent(s) but its 'embeds' the key-E "
+                         f"of {faces} faces; connect both outputs of the same MSI Invert. Nothing was saved.")
+    return [PrivacyKeys(as_normal(embeds.face_tokens[i]), as_normal(embeds.face_conds[i]), z_T[i : i + 1],
+                        embeds.metadata) for i in range(faces)]
+
+
+def photo_keys_of(keys: list[PrivacyKeys], alignment) -> list[PhotoKeys | None]:
+    """One whole-photo key set per photo of Face Align's batch (None for a photo without a protected face): face k
+    of the keys is face k of the alignment (both in Face Align's order).
+
+    Raises:
+        ValueError: another face count, or keys made for another crop size than the alignment's.
+    """
+    if len(alignment.faces) != len(keys):
+        raise ValueError(f"{SAVE_NODE}: the alignment at its 'alignment' input has {len(alignment.faces)} face(s) but "
+                         f"the keys are those of {len(keys)}; connect the Face Align node that fed MSI Invert. "
+                         f"Nothing was saved.")
+    size = alignment.crop_size
+    if tuple(keys[0].metadata.image_size) != (size, size):
+        raise ValueError(f"{SAVE_NODE}: the keys are for a {keys[0].metadata.image_size[1]} px face crop but the "
+                         f"alignment at its 'alignment' input made {size} px crops; connect the Face Align node "
+                         f"that fed MSI Invert. Nothing was saved.")
+    out: list[PhotoKeys | None] = []
+    for p in range(len(alignment.photos)):
+        ks = alignment.faces_of(p)
+        out.append(PhotoKeys([keys[k] for k in ks], [alignment.faces[k].geometry() for k in ks],
+                             alignment.faces[ks[0]].aligned.source_size) if ks else None)
+    return out
 
 
 class SavePhotoKeys(io.ComfyNode):
@@ -422,8 +472,10 @@ class LoadPrivacyKeys(io.ComfyNode):
                 io.Boolean.Input("allow_plaintext", default=False, optional=True, tooltip=LOAD_PLAINTEXT_TOOLTIP),
             ],
             outputs=[
-                PrivacyEmbedsType.Output(display_name="embeds", tooltip="key-E (single-face key files)."),
-                io.Latent.Output(display_name="key_latent", tooltip="key-I (single-face key files)."),
+                PrivacyEmbedsType.Output(display_name="embeds",
+                                         tooltip="key-E of every face of the file, for Recover Original."),
+                io.Latent.Output(display_name="key_latent",
+                                 tooltip="key-I of every face of the file [N,4,h,w], for Recover Original."),
                 PhotoKeysType.Output(display_name="photo_keys",
                                      tooltip="Every face's keys with where it sits in the photo: for Recover Photo."),
             ],
@@ -446,13 +498,16 @@ class LoadPrivacyKeys(io.ComfyNode):
     @classmethod
     def execute(cls, key_file, passphrase, allow_plaintext=False) -> io.NodeOutput:
         photo = open_key_file(key_file, passphrase, allow_plaintext)
-        if len(photo.faces) != 1:
-            # the single-face outputs cannot hold several faces: whatever is connected to them stops with this
-            message = (f"{LOAD_NODE}: {key_file!r} holds the keys of {len(photo.faces)} faces of one photo; "
-                       f"connect its 'photo_keys' output to Recover Photo (with the protected photo) instead of "
-                       f"'embeds'/'key_latent'.")
+        shared = {(k.metadata.ddim_steps, k.metadata.image_size, k.metadata.msi_mode, k.metadata.schedule,
+                   tuple(k.z_T.shape)) for k in photo.faces}
+        if len(photo.faces) > 1 and (len(shared) != 1 or photo.faces[0].z_T.shape[0] != 1):
+            # key sets made differently cannot form one N-face key-E: whatever is connected to them stops here
+            message = (f"{LOAD_NODE}: {key_file!r} holds the keys of {len(photo.faces)} faces made with different "
+                       f"settings; connect its 'photo_keys' output to Recover Photo (with the protected photo) "
+                       f"instead of 'embeds'/'key_latent'.")
             return io.NodeOutput(blocked(message), blocked(message), PhotoKeysBatch((photo,)))
-        keys = photo.faces[0]
-        embeds = PrivacyEmbeds(keys.stage_tokens, keys.stage_conds, keys.metadata)
-        latent = to_comfy_latent(None, keys.z_T)  # SD1.x latent format: see SavePrivacyKeys
+        embeds = PrivacyEmbeds.of_faces([k.stage_tokens for k in photo.faces], [k.stage_conds for k in photo.faces],
+                                        photo.faces[0].metadata)
+        z_T = torch.cat([k.z_T for k in photo.faces])
+        latent = to_comfy_latent(None, z_T)  # SD1.x latent format: see face_keys
         return io.NodeOutput(embeds, latent, PhotoKeysBatch((photo,)))

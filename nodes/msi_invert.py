@@ -1,6 +1,10 @@
-"""MSI Invert: learn the 10 stage conditionings of one face (key-E) and DDIM-invert it (key-I)."""
+"""MSI Invert: learn the 10 stage conditionings of each face (key-E) and DDIM-invert it (key-I).
+
+N aligned faces give N independent fits (each exactly what that face alone gives with the same seed): key-E of
+N faces ([N,10,…], one face keeps the single-face layout) and key-I [N,4,h,w], in the order of the images."""
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io
 
 from ..core import msi, sampling
@@ -32,14 +36,15 @@ class MSIInvert(io.ComfyNode):
             display_name="MSI Invert",
             category=CATEGORY,
             description="Trains the per-image MSI conditionings (key-E) against this checkpoint's UNet and "
-                        "DDIM-inverts the face with them (key-I). Minutes of GPU work: the result is cached.",
+                        "DDIM-inverts the face with them (key-I), for every face of the batch on its own. Minutes "
+                        "of GPU work per face: the result is cached.",
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x MODEL from Load Checkpoint; protection and recovery "
                                                 "must use the same checkpoint."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP (text encoder)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
-                io.Image.Input("image", tooltip="One aligned face (use Face Align on an ordinary photo); the "
-                                                "first image of a batch is used. 512×512 as in the paper."),
+                io.Image.Input("image", tooltip="The aligned faces (Face Align's 'aligned'): every image of the "
+                                                "batch is one face, fitted on its own. 512×512 as in the paper."),
                 io.Combo.Input("mode", options=list(msi.MODES), default=MSI_DEFAULTS.mode,
                                tooltip="faithful: the paper's MSI network on CLIP-vision features (needs "
                                        "clip_vision). lite: 10 stage tokens learned directly (faster)."),
@@ -67,8 +72,10 @@ class MSIInvert(io.ComfyNode):
                                     tooltip="CLIP ViT-L/14 vision model (CLIPVisionLoader); required by faithful."),
             ],
             outputs=[
-                PrivacyEmbedsType.Output(display_name="embeds", tooltip="key-E: stage tokens and conditionings."),
-                io.Latent.Output(display_name="key_latent", tooltip="key-I: the DDIM-inverted latent z_T."),
+                PrivacyEmbedsType.Output(display_name="embeds",
+                                         tooltip="key-E: stage tokens and conditionings of every face."),
+                io.Latent.Output(display_name="key_latent",
+                                 tooltip="key-I: the DDIM-inverted latent z_T of every face [N,4,h,w]."),
             ],
         )
 
@@ -82,21 +89,28 @@ class MSIInvert(io.ComfyNode):
             raise ValueError("MSI Invert in 'faithful' mode needs a CLIP ViT-L/14 vision model: add a "
                              "Load CLIP Vision node (models/clip_vision) and connect it, or switch mode to 'lite'.")
         backend = ComfyBackend(model, clip, vae, trainable=True)
-        source = to_model_image(image[:1], IMAGE).to(backend.device)
+        sources = to_model_image(image, IMAGE).to(backend.device)
         vision = ComfyVisionEncoder(clip_vision) if clip_vision is not None else None
         options = msi.MSIOptions(mode=mode, steps=steps, lr=learning_rate, seed=seed,
                                  timesteps_per_step=timesteps_per_step, uint8_quirk=official_uint8_quirk)
-        with normal_tensors():  # MSI's parameters and optimizer state must be normal tensors
-            result = msi.train_msi(backend, source, options, vision=vision,
-                                   progress=progress_bar(steps, "MSI "), cancel=check_interrupt)
-        z0 = result.source_latent  # encoded once, by MSI
-        z_T = sampling.ddim_invert(backend, z0, result.stage_conds, inversion_steps,
-                                   progress=progress_bar(inversion_steps), cancel=check_interrupt)
+        faces = sources.shape[0]
+        tokens, conds, key_latents = [], [], []
+        for i in range(faces):  # N independent fits: each face its own key-E and key-I, same seed as alone
+            source = sources[i : i + 1]
+            label = "MSI " if faces == 1 else f"face {i + 1}/{faces}: MSI "
+            with normal_tensors():  # MSI's parameters and optimizer state must be normal tensors
+                result = msi.train_msi(backend, source, options, vision=vision,
+                                       progress=progress_bar(steps, label), cancel=check_interrupt)
+            z0 = result.source_latent  # encoded once, by MSI
+            z_T = sampling.ddim_invert(backend, z0, result.stage_conds, inversion_steps,
+                                       progress=progress_bar(inversion_steps), cancel=check_interrupt)
+            tokens.append(as_normal(result.stage_tokens.detach().float().cpu()))
+            conds.append(as_normal(result.stage_conds.detach().float().cpu()))
+            key_latents.append(z_T)
         metadata = KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=inversion_steps,
-                               schedule="recover", msi_mode=mode, image_size=tuple(source.shape[-2:]))
-        embeds = PrivacyEmbeds(as_normal(result.stage_tokens.detach().float().cpu()),
-                               as_normal(result.stage_conds.detach().float().cpu()), metadata)
-        latent = to_comfy_latent(model, z_T)
+                               schedule="recover", msi_mode=mode, image_size=tuple(sources.shape[-2:]))
+        embeds = PrivacyEmbeds.of_faces(tokens, conds, metadata)
+        latent = to_comfy_latent(model, torch.cat(key_latents))
         del backend
         release_memory()
         return io.NodeOutput(embeds, latent)

@@ -43,13 +43,18 @@ THRESHOLD_TOOLTIP = ("Cosine similarity at or above which a face matches the ref
                      "own same-person bound (SFace 0.363 when a verifier is connected, else 0.5).")
 
 
-def selection_inputs(optional_reference: bool = True) -> list:
-    """The face-selection widgets shared by Protect Faces and Face Selection Preview (same names, same order)."""
+def selection_inputs(optional: bool = False) -> list:
+    """The face-selection widgets shared by Protect Faces, Face Selection Preview and Face Align (same names,
+    same order). ``optional``: as optional inputs, for a node they were appended to after its first release
+    (saved API graphs without them keep validating and get the defaults)."""
     return [
-        io.Combo.Input("selection", options=list(SELECTION_MODES), default=SELECTION.mode, tooltip=SELECTION_TOOLTIP),
-        io.String.Input("face_numbers", default="", tooltip=NUMBERS_TOOLTIP),
-        io.Combo.Input("fallback", options=list(FALLBACKS), default=SELECTION.fallback, tooltip=FALLBACK_TOOLTIP),
-        io.Float.Input("match_threshold", default=-1.0, min=-1.0, max=1.0, step=0.01, tooltip=THRESHOLD_TOOLTIP),
+        io.Combo.Input("selection", options=list(SELECTION_MODES), default=SELECTION.mode, tooltip=SELECTION_TOOLTIP,
+                       optional=optional),
+        io.String.Input("face_numbers", default="", tooltip=NUMBERS_TOOLTIP, optional=optional),
+        io.Combo.Input("fallback", options=list(FALLBACKS), default=SELECTION.fallback, tooltip=FALLBACK_TOOLTIP,
+                       optional=optional),
+        io.Float.Input("match_threshold", default=-1.0, min=-1.0, max=1.0, step=0.01, tooltip=THRESHOLD_TOOLTIP,
+                       optional=optional),
     ]
 
 

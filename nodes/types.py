@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from ..core.energies import StepSizeSchedule
 from ..core.keys import KeyMetadata, PhotoKeys
-from ..core.recognizers import FaceCrop, FaceRecognizer
+from ..core.recognizers import FaceCrop, FaceCrops, FaceRecognizer
 from ..core.report import PrivacyReport
 
 PrivacyEmbedsType = io.Custom("PRIVACY_EMBEDS")
@@ -28,20 +28,59 @@ CATEGORY = "Diff-Privacy"
 
 @dataclass(frozen=True)
 class PrivacyEmbeds:
-    """key-E: MSI stage tokens [S,D] and stage conditionings [S,77,D] (CPU float32) plus how they were made."""
+    """key-E of one face — MSI stage tokens [S,D] and stage conditionings [S,77,D] — or of N faces in the order
+    of MSI Invert's images — [N,S,D] and [N,S,77,D] (CPU float32), plus how they were made (one metadata: the
+    faces share model, DDIM grid, MSI mode and crop size). One face keeps the 3-D/2-D layout of the first
+    release, so single-face graphs and key files work as before.
+
+    Raises:
+        ValueError: tensors of other ranks, or tokens and conditionings of different face counts (when made).
+    """
 
     stage_tokens: torch.Tensor
     stage_conds: torch.Tensor
     metadata: KeyMetadata
 
+    def __post_init__(self):
+        tokens, conds = self.stage_tokens, self.stage_conds
+        if not ((tokens.dim(), conds.dim()) in ((2, 3), (3, 4))
+                and (tokens.dim() == 2 or tokens.shape[0] == conds.shape[0])):
+            raise ValueError(f"key-E must be stage tokens [S,D] with conditionings [S,77,D] (one face) or "
+                             f"[N,S,D] with [N,S,77,D] (N faces), got {tuple(tokens.shape)} and "
+                             f"{tuple(conds.shape)}")
+
+    @property
+    def num_faces(self) -> int:
+        return 1 if self.stage_conds.dim() == 3 else int(self.stage_conds.shape[0])
+
+    @property
+    def face_conds(self) -> torch.Tensor:
+        """Stage conditionings per face [N,S,77,D] (a view; N = 1 for single-face key-E)."""
+        return self.stage_conds if self.stage_conds.dim() == 4 else self.stage_conds.unsqueeze(0)
+
+    @property
+    def face_tokens(self) -> torch.Tensor:
+        """Stage tokens per face [N,S,D] (a view)."""
+        return self.stage_tokens if self.stage_tokens.dim() == 3 else self.stage_tokens.unsqueeze(0)
+
+    @classmethod
+    def of_faces(cls, tokens: list[torch.Tensor], conds: list[torch.Tensor], metadata: KeyMetadata) -> "PrivacyEmbeds":
+        """key-E of the faces in order from each face's tokens [S,D] and conditionings [S,77,D]; one face gives
+        the single-face layout."""
+        if len(tokens) == 1:
+            return cls(tokens[0], conds[0], metadata)
+        return cls(torch.stack(tokens), torch.stack(conds), metadata)
+
 
 @dataclass(frozen=True)
 class GuidanceSpec:
-    """Everything identity guidance needs except the VAE decoder, which the sampler binds at run time."""
+    """Everything identity guidance needs except the VAE decoder, which the sampler binds at run time. With N
+    source faces ``source_embedding`` has N rows and the sampler's batch is sample-major (sample b of face i at
+    row b·N + i); ``faces`` is N."""
 
     recognizer: FaceRecognizer
-    crop: FaceCrop
-    source_embedding: torch.Tensor
+    crop: FaceCrop | FaceCrops
+    source_embedding: torch.Tensor  # [N,D]: one row per source face (N = 1 for one face)
     mode: str
     diversity_weight: float
     step_size: StepSizeSchedule
@@ -49,6 +88,10 @@ class GuidanceSpec:
     max_grad_norm: float | None
     max_identity_similarity: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def faces(self) -> int:
+        return int(self.source_embedding.shape[0]) if self.source_embedding.dim() == 2 else 1
 
 
 @dataclass(frozen=True)

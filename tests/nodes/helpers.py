@@ -191,6 +191,12 @@ def tiny(graph: dict, *, photo: str, ckpt: str, msi_steps: int = 2, inversion_st
     return g
 
 
+def preview_ids(graph: dict) -> list[str]:
+    """Ids of the graph's PreviewImage nodes (Face Align's numbered faces in the shipped protect workflows):
+    output nodes too, so a graph meant to have one output drops them."""
+    return node_ids(graph, "PreviewImage")
+
+
 def save_image_ids(graph: dict) -> list[str]:
     """Ids of the graph's image-saving nodes (:data:`SAVE_IMAGE_TYPES`)."""
     return [k for k, v in graph.items() if v["class_type"] in SAVE_IMAGE_TYPES]

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.comfyui
 def _front(comfy) -> tuple[dict, dict]:
     """The shipped anonymize graph up to the scheduler and guidance (no sampler, no outputs) + node ids."""
     graph = tiny(load_api("anonymize"), photo=astronaut_png(comfy.input_dir), ckpt=comfy.models.checkpoint_name)
-    for kind in ("DiffPrivacy_PrivacySampler", "DiffPrivacy_FacePasteBack", *SAVE_IMAGE_TYPES, "DiffPrivacy_SaveKeys"):
+    for kind in ("DiffPrivacy_PrivacySampler", "DiffPrivacy_FacePasteBack", *SAVE_IMAGE_TYPES, "DiffPrivacy_SaveKeys",
+                 "PreviewImage"):
         for node_id in node_ids(graph, kind):
             del graph[node_id]
     ids = {kind: node_ids(graph, kind)[0] for kind in (

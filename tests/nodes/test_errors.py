@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from .conftest import ComfyGraphError
-from .helpers import astronaut_png, coffee_png, load_api, node_ids, save_image_ids, set_inputs, tiny
+from .helpers import astronaut_png, coffee_png, load_api, node_ids, preview_ids, save_image_ids, set_inputs, tiny
 
 pytestmark = pytest.mark.comfyui
 
@@ -170,16 +170,17 @@ def test_plaintext_key_files_need_the_opt_in(comfy_inprocess):
     with pytest.raises(keys_module.PlaintextKeyFileError, match="allow_plaintext on the Load Privacy Keys"):
         load.execute(key_file=key_file, passphrase="some passphrase")  # the widget's default is off
     comfy_inprocess.validate(_recover_graph(comfy_inprocess, key_file, passphrase="", allow_plaintext=True))
-    embeds, latent = load.execute(key_file=key_file, passphrase="", allow_plaintext=True).args
+    embeds, latent, _ = load.execute(key_file=key_file, passphrase="", allow_plaintext=True).args
     expected = _key_set()
     assert torch.equal(embeds.stage_conds, expected.stage_conds)
     assert latent["samples"].shape == (1, 4, 8, 8)
 
 
 def _keys_only_graph(comfy, **save_inputs) -> dict:
-    """The anonymize workflow with Save Privacy Keys as its only output (its image-saving nodes removed)."""
+    """The anonymize workflow with Save Privacy Keys as its only output (its image-saving and preview nodes
+    removed)."""
     graph = _protect(comfy, prefix="err_keys_only")
-    for node_id in save_image_ids(graph):
+    for node_id in save_image_ids(graph) + preview_ids(graph):
         del graph[node_id]
     return set_inputs(graph, "DiffPrivacy_SaveKeys", **save_inputs)
 

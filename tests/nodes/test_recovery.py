@@ -56,8 +56,8 @@ def recovered(comfy_inprocess, tiny_checkpoint):
     (path,) = _run(nodes_["DiffPrivacy_SaveKeys"], embeds=embeds, key_latent=key_latent,
                    filename_prefix="oracle", passphrase=PASSPHRASE, allow_plaintext=False,
                    receipt=receipt_for(bridge, embeds))
-    loaded_embeds, loaded_latent = _run(nodes_["DiffPrivacy_LoadKeys"], key_file=os.path.basename(path),
-                                        passphrase=PASSPHRASE)
+    loaded_embeds, loaded_latent, _ = _run(nodes_["DiffPrivacy_LoadKeys"], key_file=os.path.basename(path),
+                                           passphrase=PASSPHRASE)
     (images,) = _run(nodes_["DiffPrivacy_Recover"], model=model, vae=vae, embeds=loaded_embeds,
                      key_latent=loaded_latent)
     return bridge, model, clip, vae, path, key_latent, images
@@ -152,8 +152,8 @@ def test_the_fingerprint_is_computed_once_per_model_and_patches(recovered, monke
 def test_recovery_with_a_patched_model_fails_with_key_mismatch(recovered, comfy_inprocess):
     """Keys made with the plain checkpoint do not recover on the same checkpoint with a LoRA on one layer."""
     _, model, _, vae, path, _, _ = recovered
-    embeds, key_latent = _run(comfy_inprocess.node_classes["DiffPrivacy_LoadKeys"], key_file=os.path.basename(path),
-                              passphrase=PASSPHRASE)
+    embeds, key_latent, _ = _run(comfy_inprocess.node_classes["DiffPrivacy_LoadKeys"], key_file=os.path.basename(path),
+                                 passphrase=PASSPHRASE)
     patched, _ = _lora_clone(model)
     with pytest.raises(Exception) as info:
         _run(comfy_inprocess.node_classes["DiffPrivacy_Recover"], model=patched, vae=vae, embeds=embeds,

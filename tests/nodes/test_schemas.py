@@ -10,7 +10,8 @@ import pytest
 pytestmark = pytest.mark.comfyui
 
 FROZEN = {
-    "DiffPrivacy_FaceAlign": ("Face Align", ["image", "size", "min_confidence"]),
+    "DiffPrivacy_FaceAlign": ("Face Align", ["image", "size", "min_confidence", "selection", "face_numbers",
+                                             "fallback", "match_threshold", "reference", "recognizer"]),
     "DiffPrivacy_MSIInvert": ("MSI Invert", ["model", "clip", "vae", "image", "mode", "steps", "learning_rate",
                                              "inversion_steps", "timesteps_per_step", "seed",
                                              "official_uint8_quirk", "clip_vision"]),
@@ -24,7 +25,7 @@ FROZEN = {
                                                        "strength", "batch_size", "seed", "paste_below_timestep",
                                                        "image", "latent", "background_mask", "verifiers",
                                                        "embeds"]),
-    "DiffPrivacy_FacePasteBack": ("Face Paste Back", ["faces", "alignment", "feather"]),
+    "DiffPrivacy_FacePasteBack": ("Face Paste Back", ["faces", "alignment", "feather", "seam_colour_match"]),
     "DiffPrivacy_SaveKeys": ("Save Privacy Keys", ["embeds", "key_latent", "filename_prefix", "passphrase",
                                                    "allow_plaintext", "receipt", "alignment"]),
     "DiffPrivacy_LoadKeys": ("Load Privacy Keys", ["key_file", "passphrase", "allow_plaintext"]),
@@ -45,6 +46,7 @@ FROZEN = {
 
 #: output names, where outputs were appended since the first release (appended only, never reordered)
 FROZEN_OUTPUTS = {
+    "DiffPrivacy_FaceAlign": ["aligned", "alignment", "background_mask", "preview"],
     "DiffPrivacy_PrivacySampler": ["images", "latent", "receipt", "report", "preview"],
     "DiffPrivacy_IdentityEnergyGuidance": ["guidance", "guider"],
     "DiffPrivacy_FaceVerifierLoader": ["verifiers"],

@@ -12,8 +12,8 @@ import os
 import pytest
 
 from .conftest import ComfyGraphError
-from .helpers import (SIZE, astronaut_png, load_api, node_ids, png_info, save_image_ids, saved_images, set_inputs,
-                      tiny)
+from .helpers import (SIZE, astronaut_png, load_api, node_ids, png_info, preview_ids, save_image_ids, saved_images,
+                      set_inputs, tiny)
 
 pytestmark = pytest.mark.comfyui
 
@@ -27,8 +27,10 @@ def _check_pngs(server, records, count, size):
 
 def test_node_definitions_served(comfy_server):
     info = comfy_server.get_json("/object_info")
+    from .test_schemas import FROZEN
+
     ours = sorted(k for k in info if k.startswith("DiffPrivacy_"))
-    assert len(ours) == 12
+    assert ours == sorted(FROZEN)
     assert comfy_server.get_json("/object_info/DiffPrivacy_FaceAlign")["DiffPrivacy_FaceAlign"]["display_name"] == \
         "Face Align"
 
@@ -52,7 +54,9 @@ def test_workflows_over_http(comfy_server, tmp_path):
     graph = tiny(load_api("recover"), photo=photo, ckpt=comfy_server.models.checkpoint_name, prefix="http_recover")
     set_inputs(graph, "DiffPrivacy_LoadKeys", key_file=key_file)
     entry = comfy_server.run(graph, timeout=300)
-    _check_pngs(comfy_server, saved_images(entry, graph), 1, (SIZE, SIZE))
+    face, photo = saved_images(entry, graph)  # Recover Original's aligned face, Recover Photo's whole photo
+    _check_pngs(comfy_server, [face], 1, (SIZE, SIZE))
+    _check_pngs(comfy_server, [photo], 1, (512, 512))
 
 
 def _check_key_file_not_served(server, name: str) -> None:
@@ -106,7 +110,7 @@ def test_save_without_its_passphrase_variable_is_refused_over_http(comfy_server,
     have, is refused whole (400) before anything runs: no key file appears."""
     photo = comfy_server.upload_image(tmp_path / astronaut_png(tmp_path), name="astronaut_http.png")["name"]
     graph = tiny(load_api("anonymize"), photo=photo, ckpt=comfy_server.models.checkpoint_name)
-    for node_id in save_image_ids(graph):
+    for node_id in save_image_ids(graph) + preview_ids(graph):
         del graph[node_id]
     set_inputs(graph, "DiffPrivacy_SaveKeys", passphrase="env:DIFF_PRIVACY_TEST_VARIABLE_NEVER_SET")
     before = sorted(os.listdir(comfy_server.models.keys))
