@@ -313,6 +313,20 @@ def test_compiled_step_switch_logic_on_a_pretend_cuda_device(caplog):
     assert not step.active and "no triton" in step.reason and torch.equal(step(x), 2 * x)
 
 
+def test_activation_probe_runs_compiled_steps_eagerly():
+    calls = []
+
+    def compile_ok(module, **kwargs):
+        return lambda x: (calls.append(1), module(x))[1]
+
+    step = speed.GuardedCompile(_Doubler(), "cuda", "on", compile_fn=compile_ok)
+    x = torch.ones(4, requires_grad=True)
+    assert speed.saved_activation_bytes(lambda: step(x).sin()) == 4 * 4  # eager: sin saves 2·x
+    assert calls == [] and step.active
+    step(x)
+    assert calls == [1]
+
+
 def test_compile_respects_dp_compile_off(monkeypatch):
     monkeypatch.setenv("DP_COMPILE", "0")
     assert speed.compile_available() == (False, "DP_COMPILE turns it off")
