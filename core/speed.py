@@ -129,8 +129,8 @@ def decide_checkpointing(setting: CheckpointSetting, *, free_bytes: int, activat
     need = int(activation_bytes * headroom)
     verdict = need > free_bytes
     mib = 1024 * 1024
-    return verdict, (f"{'on' if verdict else 'off'} (auto: activations {activation_bytes / mib:.0f} MiB × {headroom:g} "
-                     f"{'>' if verdict else '≤'} free {free_bytes / mib:.0f} MiB)")
+    return verdict, (f"{'on' if verdict else 'off'} (auto: activations {activation_bytes / mib:.0f} MiB "
+                     f"× {headroom:g} {'>' if verdict else '≤'} free {free_bytes / mib:.0f} MiB)")
 
 
 # ------------------------------------------------------------------------------------------ precision
