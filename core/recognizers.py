@@ -19,6 +19,7 @@ Crops take images [B,3,H,W] in [−1,1] and are differentiable w.r.t. the image:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -391,17 +392,37 @@ def box_crop(
     """
     _check_images(images)
     batch, _, height, width = images.shape
+    if isinstance(box, tuple) and all(isinstance(v, (int, float)) for v in box):
+        # one fixed box (the "detect" crop, every guided step): the plan is made once per shape and device
+        factor, theta = _fixed_box_plan(box, batch, height, width, size, float(margin), antialias,
+                                        images.device, images.dtype)
+    else:
+        factor, theta = _box_plan(box, batch, height, width, size, margin, antialias, images.device, images.dtype)
+    if factor > 1:
+        images = _average_downsample(images, factor)
+    grid = F.affine_grid(theta, [batch, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _box_plan(box, batch: int, height: int, width: int, size: int, margin: float, antialias: bool,
+              device: torch.device, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """(box-filter factor, affine theta [B,2,3] on ``device``) of :func:`box_crop`, computed on the host."""
     boxes = expand_box(_box_tensor(box, batch), margin)
+    factor = 1
     if antialias:
         side = float(torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).min())
         factor = max(1, int(side // size))
         if factor > 1:
-            images = _average_downsample(images, factor)
             boxes = boxes / factor
-            height, width = images.shape[-2:]
-    theta = box_to_theta(boxes, height, width).to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, [batch, images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            height, width = height // factor, width // factor
+    return factor, box_to_theta(boxes, height, width).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_box_plan(box: tuple, batch: int, height: int, width: int, size: int, margin: float, antialias: bool,
+                    device: torch.device, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    with normal_tensors():  # reused across calls, also outside inference mode
+        return _box_plan(box, batch, height, width, size, margin, antialias, device, dtype)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ Nothing here synchronises with the device inside a loop: the decisions read memo
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ COMPILE_SETTINGS = ("auto", "on", "off")
 COMPILE_MODE = "reduce-overhead"
 
 CheckpointSetting = Union[bool, str]
+_eager_depth = 0  # > 0 while eager_only() is active: every GuardedCompile runs its eager module
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -93,9 +95,21 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> int:
     def unpack(_):
         raise RuntimeError("saved_activation_bytes: the probe's graph cannot be backpropagated")
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    with eager_only(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         fn()
     return total
+
+
+@contextlib.contextmanager
+def eager_only() -> Iterator[None]:
+    """Run every :class:`GuardedCompile` eagerly inside the block (measurement probes: a compiled graph would
+    be traced, and its saved tensors managed, differently from the eager run they stand for)."""
+    global _eager_depth
+    _eager_depth += 1
+    try:
+        yield
+    finally:
+        _eager_depth -= 1
 
 
 def decide_checkpointing(setting: CheckpointSetting, *, free_bytes: int, activation_bytes: int,
@@ -115,8 +129,8 @@ def decide_checkpointing(setting: CheckpointSetting, *, free_bytes: int, activat
     need = int(activation_bytes * headroom)
     verdict = need > free_bytes
     mib = 1024 * 1024
-    return verdict, (f"{'on' if verdict else 'off'} (auto: activations {activation_bytes / mib:.0f} MiB × {headroom:g} "
-                     f"{'>' if verdict else '≤'} free {free_bytes / mib:.0f} MiB)")
+    return verdict, (f"{'on' if verdict else 'off'} (auto: activations {activation_bytes / mib:.0f} MiB "
+                     f"× {headroom:g} {'>' if verdict else '≤'} free {free_bytes / mib:.0f} MiB)")
 
 
 # ------------------------------------------------------------------------------------------ precision
@@ -220,7 +234,7 @@ class GuardedCompile:
         log.info("[Diff-Privacy] compiled %s step %s", what, self.reason)
 
     def __call__(self, *args, **kwargs):
-        if self.active:
+        if self.active and not _eager_depth:
             try:
                 out = self.compiled(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - fall back to eager for good, once

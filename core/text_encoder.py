@@ -115,18 +115,28 @@ class PlaceholderConditioner:
         self.encoder = encoder
         self.input_ids = input_ids.long().view(1, -1)
         self.position = position
+        self._constants: dict = {}
+
+    def _on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's ids and the placeholder's one-hot mask [1,77,1] on ``device``, made once per device and
+        dtype: MSI encodes every step, and a host-to-device copy per step would make the host wait."""
+        key = (device, dtype)
+        if key not in self._constants:
+            with normal_tensors():
+                onehot = torch.zeros(1, self.input_ids.shape[1], 1, dtype=dtype)
+                onehot[:, self.position] = 1.0
+                self._constants[key] = (self.input_ids.to(device), onehot.to(device))
+        return self._constants[key]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [S, D] → conditioning [S, 77, D] float32 (float64 for a float64 encoder), differentiable
         w.r.t. tokens."""
         device = self.encoder.token_embedding.weight.device
         dtype = self.encoder.token_embedding.weight.dtype
+        ids, onehot = self._on(device, dtype)
         with normal_tensors():
-            base = self.encoder.token_embedding(self.input_ids.to(device))  # [1, 77, D]
-            s = tokens.shape[0]
-            embeds = base.expand(s, -1, -1)
-            onehot = torch.zeros(1, embeds.shape[1], 1, device=device, dtype=dtype)
-            onehot[:, self.position] = 1.0
+            base = self.encoder.token_embedding(ids)  # [1, 77, D]
+            embeds = base.expand(tokens.shape[0], -1, -1)
             embeds = embeds * (1 - onehot) + tokens.to(device, dtype)[:, None, :] * onehot
             out = self.encoder.forward_embeddings(embeds)
             return out if out.dtype == torch.float64 else out.float()

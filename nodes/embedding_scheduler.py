@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.schedules import MAX_T, PRESET_SWITCH_TIMESTEPS, EmbeddingSchedule, check_tiling
+from .comfy.models import torch_device
 from .comfy.sampling import with_timestep_range
 from .schema import schema
 from .types import CATEGORY, PrivacyEmbedsType
@@ -23,19 +24,29 @@ def scheduled_conditioning(embeds, null_conditioning, schedule: EmbeddingSchedul
     in ``CONDRegular.process_cond``: latent row k gets cond row k % N), so in a sample-major batch (sample b of
     face i at row b·N + i, how Privacy Sampler orders it) every sample is conditioned by its own face's key-E.
     The null entry [1,77,D] is shared by every sample.
+
+    The entries' tensors are placed on the compute device once, here: ComfyUI's sampler concatenates the
+    conditionings of every step and moves the result to the device (``samplers.cond_cat``), which for CPU
+    tensors is a host-to-device copy, and a wait, per step.
     """
     ranges = schedule.percent_ranges()
     check_tiling(ranges)
+    device = torch_device()
     pooled_null = null_conditioning[0][1].get("pooled_output") if null_conditioning else None
+    if pooled_null is not None:
+        pooled_null = pooled_null.to(device)
+    null_on_device = [[tensor.to(device), {**extras, **({"pooled_output": pooled_null} if "pooled_output" in extras
+                                                       else {})}]
+                      for tensor, extras in (null_conditioning or [])]
     out = []
     for r in ranges:
         if r.stage is None:
             if not null_conditioning:
                 raise ValueError("this schedule needs the null conditioning: connect CLIP Text Encode with an "
                                  "empty prompt to 'null_conditioning'")
-            out += with_timestep_range(null_conditioning, r.start_percent, r.end_percent)
+            out += with_timestep_range(null_on_device, r.start_percent, r.end_percent)
         else:
-            cond = embeds.face_conds[:, r.stage].clone()
+            cond = embeds.face_conds[:, r.stage].to(device, copy=True)
             extras = {"pooled_output": pooled_null} if pooled_null is not None else {}
             out += with_timestep_range([[cond, extras]], r.start_percent, r.end_percent)
     return out

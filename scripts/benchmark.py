@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import statistics
 import sys
 import threading

@@ -97,7 +97,7 @@ part() {  # name, estimate (s), benchmark arguments...
     left=$((BUDGET - SECONDS))
     if [ "$left" -lt $((estimate * SCALE + 10)) ]; then
         say "SKIPPED part $name: $left s left, it needs about $estimate s"
-        return 0
+        return 2
     fi
     say "part $name (up to $left s)"
     (cd "$REPO" && timeout "$left" "$PY" scripts/benchmark.py --device "$DEVICE" --size "$SIZE" --weights "$WEIGHTS" \

@@ -41,6 +41,17 @@ def test_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
     assert parts["1-components"]["config"]["threads"] == 1
 
 
+def test_gpu_bench_fails_when_the_budget_leaves_no_time_for_the_required_parts(tmp_path):
+    tokenizer = Path(td.require_sd1_tokenizer_dir())
+    env = {**os.environ, "DP_GPU_BENCH_DEVICE": "cpu", "DP_GPU_BENCH_PYTHON": sys.executable,
+           "DP_GPU_BENCH_BUDGET_S": "5", "DP_GPU_BENCH_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
+           "DP_GPU_BENCH_CARRY": str(tmp_path / "no-wheels"), "DP_COMFYUI_DIR": str(tokenizer.parent.parent)}
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "SKIPPED part 1-components: 5 s left" in result.stdout and "a required part failed" in result.stdout
+    assert json.loads((tmp_path / "out" / "gpu_bench.json").read_text())["parts"] == {}
+
+
 def test_gpu_bench_needs_only_the_checks_wheels():
     """The benchmark travels with the wheels gpu_check.sh prepare downloads: diffusers and facenet-pytorch are
     among them, and the script documents the one-line device call."""

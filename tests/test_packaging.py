@@ -129,6 +129,7 @@ MUST_SHIP = ("__init__.py", "pyproject.toml", "requirements.txt", "requirements-
 MUST_SHIP_TREES = ("nodes/", "core/", "workflows/")
 #: never in the archive: the development tree, and what may lie around untracked outside a git checkout
 MUST_NOT_SHIP = (".ci/run", "tests/conftest.py", "scripts/test.sh", "scripts/setup_env.sh", "scripts/gpu_check.sh",
+                 "scripts/gpu_bench.sh", "scripts/benchmark.py",
                  "scripts/make_tiny_sd15.py", "docs/anonymize.png", ".cache/test-models/x.safetensors",
                  ".venv/bin/python", "models/checkpoints/v1-5.safetensors", "face.dpkey",
                  "output/diff_privacy_keys/a.dpkey", "nodes/__pycache__/x.cpython-311.pyc", ".whl/torch.whl")

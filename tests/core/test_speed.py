@@ -313,6 +313,20 @@ def test_compiled_step_switch_logic_on_a_pretend_cuda_device(caplog):
     assert not step.active and "no triton" in step.reason and torch.equal(step(x), 2 * x)
 
 
+def test_activation_probe_runs_compiled_steps_eagerly():
+    calls = []
+
+    def compile_ok(module, **kwargs):
+        return lambda x: (calls.append(1), module(x))[1]
+
+    step = speed.GuardedCompile(_Doubler(), "cuda", "on", compile_fn=compile_ok)
+    x = torch.ones(4, requires_grad=True)
+    assert speed.saved_activation_bytes(lambda: step(x).sin()) == 4 * 4  # eager: sin saves 2·x
+    assert calls == [] and step.active
+    step(x)
+    assert calls == [1]
+
+
 def test_compile_respects_dp_compile_off(monkeypatch):
     monkeypatch.setenv("DP_COMPILE", "0")
     assert speed.compile_available() == (False, "DP_COMPILE turns it off")
@@ -322,3 +336,30 @@ def test_compile_respects_dp_compile_off(monkeypatch):
 def test_diffusers_backend_compile_setting_is_guarded_on_a_cpu(sd_backend):
     step = sd_backend._unet_call
     assert not step.active and step.reason == "off (set explicitly)"
+
+
+def test_placeholder_constants_are_made_once_and_give_the_same_conditioning(sd_backend):
+    conditioner = sd_backend._placeholder
+    tokens = 0.1 * torch.randn(3, 768, generator=torch.Generator().manual_seed(4))
+    first, second = conditioner(tokens), conditioner(tokens)
+    assert len(conditioner._constants) == 1 and torch.equal(first, second)
+    with torch.no_grad():  # the reference: write the tokens into the prompt's embeddings directly
+        embeds = conditioner.encoder.token_embedding(conditioner.input_ids).expand(3, -1, -1).clone()
+        embeds[:, conditioner.position] = tokens
+        torch.testing.assert_close(first, conditioner.encoder.forward_embeddings(embeds), rtol=1e-6, atol=1e-6)
+
+
+def test_fixed_box_crop_is_planned_once_and_equals_the_planned_per_call_crop():
+    from core import recognizers
+
+    images = torch.rand(2, 3, 96, 80, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    box = (10.5, 12.0, 70.25, 80.0)
+    recognizers._fixed_box_plan.cache_clear()
+    cached = recognizers.box_crop(images, box, 32, margin=0.1)
+    again = recognizers.box_crop(images, box, 32, margin=0.1)
+    assert recognizers._fixed_box_plan.cache_info().hits == 1
+    per_call = recognizers.box_crop(images, torch.tensor(box), 32, margin=0.1)  # a tensor box: planned each call
+    torch.testing.assert_close(cached, per_call, rtol=0, atol=0)
+    assert torch.equal(cached, again)
+    (grad,) = torch.autograd.grad(cached.sum(), images)
+    assert grad.abs().sum() > 0

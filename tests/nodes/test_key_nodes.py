@@ -89,14 +89,16 @@ def test_prefixes_become_plain_names(keys_module, prefix, expected):
 
 
 def test_a_whole_photo_key_file_blocks_the_single_face_outputs(comfy_inprocess, keys_module, monkeypatch):
-    """Load Privacy Keys on a key file of two faces: 'photo_keys' carries both; whatever is connected to the
-    single-face outputs (embeds, key_latent) stops with a message pointing to Recover Photo, instead of
-    silently recovering one face."""
+    """Load Privacy Keys on a key file of two faces made with different settings (here: DDIM grids), which cannot
+    form one N-face key-E: 'photo_keys' carries both; whatever is connected to embeds / key_latent stops with a
+    message pointing to Recover Photo, instead of silently recovering one face."""
     key_types = sys.modules[keys_module.PrivacyKeys.__module__]
     geometry = [key_types.FaceGeometry(number=n, box=(0, 0, 10, 10), matrix=((1, 0, 0), (0, 1, 0)), crop_size=64,
                                        photo_size=(128, 128), quad=((0, 0), (0, 64), (64, 64), (64, 0)))
                 for n in (1, 2)]
-    photo = key_types.PhotoKeys([_keys(keys_module, 7), _keys(keys_module, 8)], geometry, (128, 128))
+    other = _keys(keys_module, 8)
+    other.metadata.ddim_steps = 8
+    photo = key_types.PhotoKeys([_keys(keys_module, 7), other], geometry, (128, 128))
     path = keys_module.write_key_file(photo, "two_faces", PASSPHRASE, False)
     monkeypatch.setenv("DP_TEST_KEYS_PASS", PASSPHRASE)
     graph = {
@@ -111,5 +113,5 @@ def test_a_whole_photo_key_file_blocks_the_single_face_outputs(comfy_inprocess, 
     errors = [data for event, data in comfy_inprocess.server.messages if event == "execution_error"]
     assert len(errors) == 1 and errors[0]["node_id"] == "3", errors
     message = errors[0]["exception_message"]
-    assert "holds the keys of 2 faces" in message and "Recover Photo" in message
+    assert "holds the keys of 2 faces made with different settings" in message and "Recover Photo" in message
     assert "4" not in history["outputs"]  # nothing recovered, nothing shown

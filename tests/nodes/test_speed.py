@@ -148,3 +148,20 @@ def test_guided_loop_in_comfy_reads_nothing_per_step(pack, tiny_checkpoint):
     run(0.1)  # warm-up: loads, caches
     short, long = run(0.2), run(0.5)  # 4 and 10 guided steps
     assert short.total == long.total, (short, long)
+
+
+def test_scheduled_conditioning_lives_on_the_compute_device(pack, monkeypatch):
+    """Embedding Scheduler puts its tensors on the compute device once, so ComfyUI's per-step cond_cat(…).to(device)
+    copies nothing (checked with the meta device standing in for a GPU)."""
+    scheduler, types, keys, schedules = (pack("nodes.embedding_scheduler"), pack("nodes.types"), pack("core.keys"),
+                                         pack("core.schedules"))
+    monkeypatch.setattr(scheduler, "torch_device", lambda: torch.device("meta"))
+    meta = keys.KeyMetadata(model_fingerprint="w1:x", ddim_steps=4, schedule="recover", msi_mode="lite",
+                            image_size=(64, 64))
+    embeds = types.PrivacyEmbeds(torch.zeros(10, 768), torch.randn(10, 77, 768), meta)
+    null = [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]]
+    out = scheduler.scheduled_conditioning(embeds, null, schedules.EmbeddingSchedule.preset("anonymize"))
+    assert len(out) > 2
+    for tensor, extras in out:
+        assert tensor.device.type == "meta" and extras["pooled_output"].device.type == "meta"
+    assert null[0][0].device.type == "cpu" and embeds.stage_conds.device.type == "cpu"  # inputs untouched

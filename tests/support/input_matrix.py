@@ -270,10 +270,11 @@ PHOTO_ROWS: list[Row] = [
         reference=ref256),
     Row("tiff", "formats", "photo", _writer("photo.tif", lambda: photos.encode(ref256(), "TIFF")), WORKS,
         reference=ref256),
-    Row("animated-gif", "formats", "photo", _writer("animated.gif", _gif_animation), WORKS,
+    Row("animated-gif", "animated", "photo", _writer("animated.gif", _gif_animation), WORKS,
+        nodes=refused("FaceNotFoundError", "photo 2 of 2", "No face found"),
         reference=_gif_first_frame, detect=True,
-        why="Same first frame: the CLI reads it; Load Image makes a batch of both frames and the nodes use the "
-            "first image of a batch."),
+        why="The CLI reads the first frame; Load Image makes a batch of both frames and Face Align protects every "
+            "photo of a batch, so the second frame, which shows no face, is refused by number."),
     Row("truncated-jpeg", "truncated", "photo", _writer("truncated.jpg", _truncated_jpeg),
         refused("InvalidImageError", "damaged or truncated"), nodes=WORKS, detect=True,
         why="ComfyUI's Load Image retries truncated files with Pillow's LOAD_TRUNCATED_IMAGES and fills the missing "
