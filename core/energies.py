@@ -273,6 +273,19 @@ class IdentityGuidance:
         f = self.embeddings(x0)
         return cosine_to_source(f, self._reference(f), self.faces)
 
+    def image_similarities(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`similarities` of images the caller already decoded, [B,3,H,W] in [−1,1] (``decode`` of the
+        latents): the results are decoded once, for the gate and the output alike."""
+        if self.clamp_decoded:
+            images = images.clamp(-1.0, 1.0)
+        face = self.crop(images)
+        rec_dtype = _module_dtype(self.recognizer)
+        if rec_dtype is not None and face.dtype != rec_dtype:
+            face = face.to(rec_dtype)
+        f = self.recognizer(face)
+        f = f.to(_loss_dtype(f))
+        return cosine_to_source(f, self._reference(f), self.faces)
+
     # -- gradients
     def _prepare_modules(self) -> None:
         prepare_for_autograd(self.recognizer, *self.autograd_modules)

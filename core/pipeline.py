@@ -266,9 +266,10 @@ def protect_face(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned:
     latents = sampling.protect(backend, z0, fit.stage_conds, backend.null_conditioning(), guidance,
                                schedule=EmbeddingSchedule.preset(task), options=options.sampling,
                                background=background, progress=stage("sampling"), cancel=cancel)
-    similarities = guidance.similarities(latents)
     with torch.no_grad():
-        crops = _to_photo(backend.decode_latent(latents))
+        decoded = backend.decode_latent(latents)  # once: for the gate and for the output
+        similarities = guidance.image_similarities(decoded)
+        crops = _to_photo(decoded)
     scores = check_identity_gate(score_results(task, (recognizer.name, similarities), aligned.crop, crops, verifiers,
                                                options.max_identity_similarity, face=number))
     if options.seam_colour_match:

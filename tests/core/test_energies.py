@@ -186,6 +186,8 @@ def test_similarities_report_cosines_without_grad():
     f = rec(toy_crop(backend.decode_latent(x0)))
     torch.testing.assert_close(sims, F.cosine_similarity(f, guidance.source_embedding, dim=-1))  # torch's, not ours
     assert float(guidance.energy(x0).detach()) == pytest.approx(float((1 - sims).sum()))
+    # the pipeline decodes its results once and scores the decoded images: the same cosines
+    torch.testing.assert_close(guidance.image_similarities(backend.decode_latent(x0)), sims)
 
 
 def test_max_grad_norm_clips_per_sample():
