@@ -97,6 +97,10 @@ class Row:
     detect: bool = False
     nodes_input: str = ""
     extra: dict = field(default_factory=dict)
+    #: ComfyUI ≥ 0.33 decodes Load Image's files with PyAV (ffmpeg) first: where that changes what arrives at
+    #: the pack, the outcome on those versions and why (``pyav_why``)
+    nodes_pyav: Outcome | None = None
+    pyav_why: str = ""
 
     def __post_init__(self):
         if self.nodes is not None and self.nodes.error != self.expect.error and not self.why:
@@ -104,7 +108,10 @@ class Row:
         if "nodes" not in self.paths and not self.why and self.kind != "argument":
             raise ValueError(f"row {self.id}: no nodes path without a reason")
 
-    def outcome(self, path: str) -> Outcome:
+    def outcome(self, path: str, pyav: bool = False) -> Outcome:
+        """The expected outcome on ``path``; ``pyav``: ComfyUI's Load Image decodes with PyAV (≥ 0.33)."""
+        if path != "cli" and pyav and self.nodes_pyav is not None:
+            return self.nodes_pyav
         return self.nodes if path != "cli" and self.nodes is not None else self.expect
 
 
@@ -226,14 +233,19 @@ TOO_LARGE = ("at most 8192 px",)
 
 PHOTO_ROWS: list[Row] = [
     *[Row(f"exif-orientation-{tag}", "exif-orientation", "photo", _writer(f"orientation{tag}.png", _orientation(tag)),
-          WORKS, reference=ref_portrait, detect=True, server=tag == 6) for tag in range(1, 9)],
+          WORKS, reference=ref_portrait, detect=True, server=tag == 6,
+          nodes_pyav=refused("FaceNotFoundError", *NO_FACE) if tag in (2, 4) else None,
+          pyav_why="ComfyUI 0.33's Load Image (PyAV) does not apply the EXIF mirror: the photo arrives mirrored "
+                   "(tags 2, 4: flipped, and MTCNN finds no face in the upside-down or mirrored copy)."
+                   if tag in (2, 4) else "") for tag in range(1, 9)],
     Row("exif-orientation-6-jpeg", "exif-orientation", "photo",
         _writer("phone.jpg", lambda: photos.encode(photos.stored_for_orientation(ref_portrait(), 6), "JPEG",
                                                    quality=95, exif=photos.exif_orientation_tag(6))),
         WORKS, reference=ref_portrait, tolerance=4.0, detect=True),
     Row("gray-16bit-png", "gray-16bit", "photo", _writer("gray16.png", lambda: photos.png_by_hand(
         gray256().astype(np.uint16) * 257)), WORKS,
-        nodes=refused("FaceNotFoundError", *NO_FACE),
+        nodes=refused("FaceNotFoundError", *NO_FACE), nodes_pyav=WORKS,
+        pyav_why="ComfyUI 0.33's Load Image decodes the PNG with PyAV, which scales 16-bit gray correctly.",
         why="ComfyUI's Load Image converts 16-bit grayscale with Pillow's convert('RGB'), which clips every value "
             "above 255: the photo arrives near-white. The pack cannot change that loader; save such photos as 8-bit.",
         reference=lambda: _as_rgb(gray256()), nodes_reference=lambda: _as_rgb(np.where(gray256() > 0, 255, 0)
