@@ -127,6 +127,18 @@ def check_receipt(receipt, embeds) -> None:
             f"Use the same checkpoint for MSI Invert and Privacy Sampler; nothing was saved.")
 
 
+def save_inputs_problem(node: str, passphrase: str | None, allow_plaintext: bool | None) -> str | None:
+    """What a key-saving node (``node``) refuses before the prompt runs: a keys folder ComfyUI serves over HTTP, or
+    no usable passphrase (:func:`save_passphrase_problem`); None when nothing is wrong. Linked inputs arrive as None
+    (unknown until run time) and are not judged."""
+    refusal = served_keys_folder_message(node)
+    if refusal:
+        return refusal
+    if passphrase is None or (allow_plaintext is None and not passphrase):
+        return None
+    return save_passphrase_problem(passphrase, bool(allow_plaintext))
+
+
 def check_photo_receipt(receipt, keys: PhotoKeysBatch) -> None:
     """Refuse to save whole-photo keys the identity gate did not vouch for: Protect Faces' receipt must name
     exactly these keys and their model.
@@ -337,14 +349,8 @@ class SavePrivacyKeys(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, passphrase=None, allow_plaintext=None):
-        """Refuse the prompt before anything runs: a keys folder ComfyUI serves over HTTP, or no usable
-        passphrase (:func:`save_passphrase_problem`). Linked inputs arrive as None (unknown until run time)."""
-        refusal = served_keys_folder_message(SAVE_NODE)
-        if refusal:
-            return refusal
-        if passphrase is None or (allow_plaintext is None and not passphrase):
-            return True
-        return save_passphrase_problem(passphrase, bool(allow_plaintext)) or True
+        """Refuse the prompt before anything runs (:func:`save_inputs_problem`)."""
+        return save_inputs_problem(SAVE_NODE, passphrase, allow_plaintext) or True
 
     @classmethod
     def execute(cls, embeds, key_latent, filename_prefix, passphrase, allow_plaintext, receipt,
@@ -437,12 +443,8 @@ class SavePhotoKeys(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, passphrase=None, allow_plaintext=None):
-        refusal = served_keys_folder_message(SAVE_PHOTO_NODE)
-        if refusal:
-            return refusal
-        if passphrase is None or (allow_plaintext is None and not passphrase):
-            return True
-        return save_passphrase_problem(passphrase, bool(allow_plaintext)) or True
+        """Refuse the prompt before anything runs (:func:`save_inputs_problem`)."""
+        return save_inputs_problem(SAVE_PHOTO_NODE, passphrase, allow_plaintext) or True
 
     @classmethod
     def execute(cls, keys, filename_prefix, passphrase, allow_plaintext, receipt) -> io.NodeOutput:
