@@ -272,3 +272,30 @@ def assert_identity_shift(label: str, unguided, guided, sign: float, *, min_mean
               f"(need mean ≥ {min_mean} and ≤ {max_wrong_way} the wrong way)")
     print(report)
     assert float(shift.mean()) >= min_mean and wrong_way <= max_wrong_way, report
+
+
+# ------------------------------------------------------------------------------------------ every face
+def face_masks(photo):
+    """Every detected face of ``photo`` [H,W,3] (reading order, core.selection.plan_faces) and its paste mask
+    [H,W] at the tests' crop size → (plan, masks)."""
+    from core import faces
+    from core.selection import plan_faces
+
+    plan = plan_faces(photo)
+    return plan, [faces.source_mask(faces.align_face(photo, f.detection, size=SIZE)) for f in plan.faces]
+
+
+def assert_every_face_changed_and_nothing_else(images, photo, faces_expected: int):
+    """Each protected photo of ``images`` changed inside every face's paste mask (mean |Δ| > 0.02) and is
+    bit-identical to ``photo`` wherever no face mask reaches. Returns (plan, union of the masks)."""
+    import torch
+
+    plan, masks = face_masks(photo)
+    assert len(plan.faces) == faces_expected
+    union = torch.stack(masks).amax(dim=0)
+    for image in images:
+        assert torch.equal(image[union == 0], photo[union == 0])
+        for number, mask in enumerate(masks, start=1):
+            inside = mask == 1
+            assert (image[inside] - photo[inside]).abs().mean() > 0.02, f"face {number} unchanged"
+    return plan, union

@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import PASSPHRASE_ENV, TEST_PASSPHRASE, load_api, node_ids, saved_images, set_inputs, tiny
+from .helpers import (PASSPHRASE_ENV, TEST_PASSPHRASE, assert_every_face_changed_and_nothing_else, face_masks, load_api,
+                      node_ids, saved_images, set_inputs, tiny)
 
 pytestmark = pytest.mark.comfyui
 
@@ -52,13 +53,6 @@ def _read(path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
 
 
-def _face_masks(photo: torch.Tensor):
-    """Every detected face of ``photo`` (reading order) and its paste mask [H,W] at the test's crop size."""
-    from core import faces
-    from core.selection import plan_faces
-
-    plan = plan_faces(photo)
-    return plan, [faces.source_mask(faces.align_face(photo, f.detection, size=SIZE)) for f in plan.faces]
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +99,7 @@ def test_every_face_changed_everything_else_identical(comfy_inprocess, group, an
     records = saved_images(history, graph)
     images = [_read(comfy_inprocess.output_path(r)) for r in records]
     assert len(images) == BATCH and all(i.shape == photo.shape for i in images)  # B photos for the one photo
-    plan, masks = _face_masks(photo)
-    assert len(plan.faces) == 3
-    union = torch.stack(masks).amax(dim=0)
-    for image in images:
-        assert torch.equal(image[union == 0], photo[union == 0])
-        for number, mask in enumerate(masks, start=1):
-            inside = mask == 1
-            assert (image[inside] - photo[inside]).abs().mean() > 0.02, f"face {number} unchanged"
+    _, union = assert_every_face_changed_and_nothing_else(images, photo, 3)
     assert not torch.equal(images[0][union > 0], images[1][union > 0])  # two different samples
     # Face Align's preview: the photo with the three faces boxed and numbered
     (preview,) = node_ids(graph, "PreviewImage")
@@ -164,7 +151,7 @@ def test_one_key_file_per_photo_and_whole_photo_recovery(comfy_inprocess, group,
     (restored,) = [c for c in crops if c.shape == photo.shape]
     crops = [c for c in crops if c.shape == (SIZE, SIZE, 3)]
     assert len(crops) == 3
-    _, masks = _face_masks(photo)
+    _, masks = face_masks(photo)
     union = torch.stack(masks).amax(dim=0)
     assert torch.equal(restored[union == 0], photo[union == 0])
     for crop, geometry, mask in zip(crops, loaded.geometry, masks):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import PASSPHRASE_ENV, load_api, set_inputs
+from .helpers import PASSPHRASE_ENV, assert_every_face_changed_and_nothing_else, face_masks, load_api, set_inputs
 
 pytestmark = pytest.mark.comfyui
 
@@ -55,13 +55,6 @@ def _new_keys(comfy, before: set[str]) -> list[str]:
     return sorted(set(os.listdir(comfy.models.keys)) - before)
 
 
-def _face_masks(photo: torch.Tensor):
-    from core import faces
-    from core.selection import plan_faces
-
-    plan = plan_faces(photo)
-    masks = [faces.source_mask(faces.align_face(photo, f.detection, size=SIZE)) for f in plan.faces]
-    return plan, masks
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +90,7 @@ def test_every_face_changed_everything_else_identical(comfy_inprocess, group, qu
     _, photo = group
     records, images = _saved(comfy_inprocess, history, graph, "DiffPrivacy_SaveImageClean")
     assert len(images) == QUICK["batch_size"] and all(i.shape == photo.shape for i in images)
-    plan, masks = _face_masks(photo)
-    assert len(plan.faces) == 3
-    union = torch.stack(masks).amax(dim=0)
-    for image in images:
-        assert torch.equal(image[union == 0], photo[union == 0])
-        for number, mask in enumerate(masks, start=1):
-            inside = mask == 1
-            assert (image[inside] - photo[inside]).abs().mean() > 0.02, f"face {number} unchanged"
+    assert_every_face_changed_and_nothing_else(images, photo, 3)
     # the report sidecar lists all three faces as protected
     import json
 
@@ -155,7 +141,7 @@ def test_recover_photo_restores_the_whole_photo(comfy_inprocess, group, quick_ru
     history = comfy_inprocess.run(recover)
     _, (restored,) = _saved(comfy_inprocess, history, recover, "DiffPrivacy_SaveImageClean")
     assert protected.exists() and restored.shape == photo.shape
-    _, masks = _face_masks(photo)
+    _, masks = face_masks(photo)
     union = torch.stack(masks).amax(dim=0)
     assert torch.equal(restored[union == 0], photo[union == 0])
     for mask in masks:  # each face region now holds the recovered face, not the protected one
