@@ -138,7 +138,7 @@ class FaceAlign(io.ComfyNode):
                 match_threshold=-1.0, reference=None, recognizer=None) -> io.NodeOutput:
         photos = rgb(image, FACE_ALIGN_IMAGE).float().cpu()
         check_size(photos, FACE_ALIGN_IMAGE)
-        choice = selection_from(FACE_ALIGN, selection, face_numbers, fallback, match_threshold, reference)
+        choice = selection_from(FACE_ALIGN, selection, face_numbers, fallback, match_threshold)
         choice = dataclasses.replace(choice, min_confidence=float(min_confidence))
         if choice.needs_reference and recognizer is None:
             raise ValueError(f"{FACE_ALIGN}: selection '{selection}' compares faces with the reference photo; "

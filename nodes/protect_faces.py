@@ -8,6 +8,9 @@ re-implements a step of the method.
 """
 from __future__ import annotations
 
+import hashlib
+
+import torch
 from comfy_api.latest import io
 
 from ..core import msi
@@ -58,8 +61,8 @@ def selection_inputs(optional: bool = False) -> list:
     ]
 
 
-def selection_from(node: str, selection: str, face_numbers: str, fallback: str, match_threshold: float,
-                   reference) -> FaceSelection:
+def selection_from(node: str, selection: str, face_numbers: str, fallback: str,
+                   match_threshold: float) -> FaceSelection:
     """FaceSelection from the widgets; errors name the node and the widget."""
     try:
         numbers = FaceSelection.parse_numbers(face_numbers) if selection == "index" else ()
@@ -113,7 +116,7 @@ class FaceSelectionPreview(io.ComfyNode):
     def execute(cls, image, selection, face_numbers, fallback, match_threshold, recognizer=None, reference=None,
                 verifiers=None) -> io.NodeOutput:
         photos = _photos(image, f"image at {PREVIEW_NODE}'s 'image' input")
-        choice = selection_from(PREVIEW_NODE, selection, face_numbers, fallback, match_threshold, reference)
+        choice = selection_from(PREVIEW_NODE, selection, face_numbers, fallback, match_threshold)
         if choice.needs_reference and recognizer is None and not _verifiers(verifiers):
             raise ValueError(f"{PREVIEW_NODE}: selection '{selection}' compares faces with the reference photo; "
                              f"connect a Face Recognizer Loader to 'recognizer' (or a verifier).")
@@ -123,8 +126,6 @@ class FaceSelectionPreview(io.ComfyNode):
                                 _reference(reference, PREVIEW_NODE), _verifiers(verifiers))
             previews.append(draw_face_numbers(photo, plan))
             lines.append(f"photo {i}:\n" + plan.summary())
-        import torch
-
         return io.NodeOutput(torch.stack(previews), "\n".join(lines))
 
 
@@ -192,10 +193,8 @@ class ProtectFaces(io.ComfyNode):
     def execute(cls, model, clip, vae, recognizer, image, task, speed, selection, face_numbers, fallback,
                 match_threshold, size, msi_steps, inversion_steps, steps, batch_size, seed, max_identity_similarity,
                 reference=None, verifiers=None, clip_vision=None) -> io.NodeOutput:
-        import torch
-
         photos = _photos(image, f"image at {PROTECT_NODE}'s 'image' input")
-        choice = selection_from(PROTECT_NODE, selection, face_numbers, fallback, match_threshold, reference)
+        choice = selection_from(PROTECT_NODE, selection, face_numbers, fallback, match_threshold)
         ref = _reference(reference, PROTECT_NODE)
         sampling = {k: v for k, v in (("steps", steps), ("batch_size", batch_size)) if v > 0}
         if seed >= 0:
@@ -240,8 +239,6 @@ class ProtectFaces(io.ComfyNode):
 
 def batch_digest(keys: PhotoKeysBatch) -> str:
     """The receipt's digest of a batch's keys (each photo's :func:`core.keys.photo_keys_digest`, in order)."""
-    import hashlib
-
     return hashlib.sha256("|".join(photo_keys_digest(k) for k in keys.photos).encode()).hexdigest()
 
 
@@ -267,8 +264,6 @@ class RecoverPhoto(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, keys, image) -> io.NodeOutput:
-        import torch
-
         what = f"image at {RECOVER_NODE}'s 'image' input"
         photos = _photos(image, what)
         if len(keys.photos) != 1:
