@@ -145,6 +145,27 @@ def _init_linear(layer: nn.Linear, gen: torch.Generator) -> None:
         _uniform_(layer.bias, bound, gen)
 
 
+class SeededDropout(nn.Module):
+    """Dropout (p ∈ [0, 1)) whose mask comes from ``self.generator`` when one is set (else the global RNG), so
+    several MSI modules trained in one batch draw exactly the masks each would draw alone. Scales kept units
+    by 1/(1 − p) as :class:`torch.nn.Dropout`; the identity in eval mode."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.generator: Optional[torch.Generator] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.generator is None:
+            return F.dropout(x, self.p, training=True)
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1.0 - self.p)
+
+
 class MSIFaithful(nn.Module):
     """The released MSI as its functional equivalent. ``forward(pooled [5,V]) → tokens [10,D]``.
 
@@ -163,7 +184,7 @@ class MSIFaithful(nn.Module):
         self.stage_modulation = nn.Embedding(num_stages, token_dim)
         self.head_value = nn.Linear(token_dim, head_dim, bias=False)
         self.head_out = nn.Linear(head_dim, token_dim)
-        self.head_dropout = nn.Sequential(nn.Dropout(dropout), nn.Dropout(dropout))
+        self.head_dropout = nn.Sequential(SeededDropout(dropout), SeededDropout(dropout))
         self.head_net = nn.Linear(token_dim, token_dim)
         self.reset_parameters(torch.Generator().manual_seed(int(seed)))
 
@@ -176,6 +197,11 @@ class MSIFaithful(nn.Module):
             self.stage_modulation.weight.copy_(torch.randn(self.stage_modulation.weight.shape, generator=gen))
         for layer in (self.head_value, self.head_out, self.head_net):
             _init_linear(layer, gen)
+
+    def seed_dropout(self, generator: Optional[torch.Generator]) -> None:
+        """Draw both dropout masks from ``generator`` (on the module's device; None = the global RNG)."""
+        for layer in self.head_dropout:
+            layer.generator = generator
 
     def level_directions(self, pooled: torch.Tensor, levels: Sequence[int]) -> dict[int, torch.Tensor]:
         """normalize(P_l(f_l)) [D] for each distinct level l."""
@@ -353,16 +379,19 @@ class MSIResult:
     source_latent: Optional[torch.Tensor] = None
 
 
-def _check_image(image: torch.Tensor) -> None:
-    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != 3:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise InvalidImageError(f"MSI trains on one RGB image [1,3,H,W] in [−1,1]; got {shape}.")
-    if image.shape[-1] % 8 or image.shape[-2] % 8:
-        raise InvalidImageError(f"Image height and width must be multiples of 8 (got {tuple(image.shape[-2:])}); "
+def _check_images(images: torch.Tensor, single: bool) -> None:
+    batch_ok = isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3 and (
+        images.shape[0] == 1 if single else images.shape[0] >= 1)
+    if not batch_ok:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        what = "one RGB image [1,3,H,W]" if single else "RGB images [N,3,H,W] (one per face)"
+        raise InvalidImageError(f"MSI trains on {what} in [−1,1]; got {shape}.")
+    if images.shape[-1] % 8 or images.shape[-2] % 8:
+        raise InvalidImageError(f"Image height and width must be multiples of 8 (got {tuple(images.shape[-2:])}); "
                                 "resize it (SD1.x works best at 512×512).")
-    if not torch.isfinite(image).all():
+    if not torch.isfinite(images).all():
         raise InvalidImageError("The image contains NaN or infinite values.")
-    lo, hi = float(image.min()), float(image.max())
+    lo, hi = float(images.min()), float(images.max())
     if lo < -1.001 or hi > 1.001:
         raise InvalidImageError(f"Image values must lie in [−1,1] (got [{lo:.3g}, {hi:.3g}]); map [0,1] with x·2−1.")
 
@@ -412,20 +441,25 @@ def _gradient_checkpointing(backend, enabled: bool):
         toggle(False)
 
 
-def _stage_cond_batch(backend: DiffusionBackend, msi: nn.Module, feats: Optional[torch.Tensor], stages: list[int],
-                      views: list[int]) -> torch.Tensor:
-    """Conditionings [k,77,D] for samples with stages/views, encoding each distinct (view, stage) once."""
+def _stage_cond_batch(backend: DiffusionBackend, modules: Sequence[nn.Module], feats: Optional[torch.Tensor],
+                      stages: list[int], views: list[int]) -> torch.Tensor:
+    """Conditionings [N·k,77,D] (face-major: the k samples of face 0, then face 1, …) for samples with
+    stages/views, encoding each face's distinct (view, stage) pairs once, every face in one text-encoder call.
+    ``feats`` [N,V,5,F] holds each face's pooled CLIP features per view (faithful) or is None (lite)."""
     keyed = [(v if feats is not None else 0, s) for v, s in zip(views, stages)]
     by_view: dict[int, list[int]] = {}
     for v, s in dict.fromkeys(keyed):
         by_view.setdefault(v, []).append(s)
     rows, order = [], []
+    for face, module in enumerate(modules):
+        for v, view_stages in by_view.items():
+            rows.append(module.tokens_for_stages(feats[face, v] if feats is not None else None, view_stages))
     for v, view_stages in by_view.items():
-        rows.append(msi.tokens_for_stages(feats[v] if feats is not None else None, view_stages))
         order += [(v, s) for s in view_stages]
     conds = backend.encode_stage_tokens(torch.cat(rows))
     index = {key: i for i, key in enumerate(order)}
-    return torch.stack([conds[index[key]] for key in keyed])
+    per_face = len(order)
+    return torch.stack([conds[face * per_face + index[key]] for face in range(len(modules)) for key in keyed])
 
 
 def checkpointing_choice(backend: DiffusionBackend, setting, probe: Callable[[], Any]) -> tuple[bool, str, int]:
@@ -459,29 +493,51 @@ def _optimizer(params, lr: float, weight_decay: float, device: torch.device) -> 
 def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOptions = MSIOptions(), *,
               vision: Optional[VisionEncoder] = None, progress: Optional[ProgressFn] = None,
               cancel: Optional[Callable[[], None]] = None) -> MSIResult:
-    """Fit MSI to one image [1,3,H,W] in [−1,1] against a frozen backend; returns the 10 stage conditionings.
-
-    Each step draws ``options.timesteps_per_step`` pairs t ~ U{0..999}, ε ~ N(0,I) (one UNet call on that batch;
-    the expected gradient is the batch-1 one), a horizontal flip per pair when ``options.hflip`` (features and
-    latents of both flips are computed once up front), builds c_{⌊t/100⌋} for the distinct stages only, and
-    takes an AdamW step on the MSI parameters alone. Timesteps and flips come from a CPU generator seeded with
-    ``options.seed`` and ε from a generator on the backend's device, so a run is reproducible per seed and device.
-    Every timestep, flip and index is drawn on the host before the loop, so the loop never waits for the device
-    except for the loss reads below.
-
-    ``options.autocast_dtype`` autocasts the UNet call; MSI parameters and the loss stay fp32.
-    ``options.grad_checkpointing`` "auto" decides once, before the first step (:func:`checkpointing_choice`).
-    ``progress(done, total, info)`` runs after every step (done = 1 … total) with ``info = {"loss": float,
-    "loss_step": int, "loss_tensor": 0-d tensor}``: ``loss`` is the mean loss of the steps since the previous
-    sync, which happens every ``options.loss_sync_every`` steps, so the loop does not wait for the device each
-    step; ``loss_step`` is the step it was synced at; ``loss_tensor`` is this step's loss, unsynced.
-    ``cancel()`` runs before every step and aborts by raising.
+    """Fit MSI to one image [1,3,H,W] in [−1,1] against a frozen backend: :func:`train_msi_faces` for one face.
 
     Raises:
         InvalidImageError: for an image that is not one finite RGB image in [−1, 1] with sides divisible by 8.
         ValueError: faithful mode without ``vision``.
     """
-    _check_image(image)
+    _check_images(image, single=True)
+    return train_msi_faces(backend, image, options, vision=vision, progress=progress, cancel=cancel)[0]
+
+
+def train_msi_faces(backend: DiffusionBackend, images: torch.Tensor, options: MSIOptions = MSIOptions(), *,
+                    vision: Optional[VisionEncoder] = None, progress: Optional[ProgressFn] = None,
+                    cancel: Optional[Callable[[], None]] = None) -> list[MSIResult]:
+    """Fit MSI to each of N images [N,3,H,W] in [−1,1] (one face each) against a frozen backend, all faces in one
+    batch: N independent fits, each returning that face's 10 stage conditionings.
+
+    Each step draws ``options.timesteps_per_step`` = k pairs t ~ U{0..999}, ε ~ N(0,I) and a horizontal flip per
+    pair when ``options.hflip`` (features and latents of both flips are computed once up front); every face uses
+    the same draws, so face i's fit is the one :func:`train_msi` makes of image i alone with the same seed (to
+    floating-point tolerance: batched kernels may round differently). One UNet call on the N·k batch, one
+    text-encoder call for every face's distinct (flip, stage) tokens, and the loss Σ_i mean_k ‖ε − ε̂‖² (the sum
+    of the faces' own losses, so face i's gradient is its own batch-k gradient: the mean of k batch-1 gradients);
+    then one AdamW step (element-wise, so each face's parameters move exactly as alone). Timesteps and flips
+    come from a CPU generator seeded with ``options.seed``, ε from a generator on the backend's device, and each
+    faithful module's dropout from its own generator with the same seed, so a run is reproducible per seed and
+    device. Every timestep, flip and index is drawn on the host before the loop, so the loop never waits for
+    the device except for the loss reads below.
+
+    ``options.autocast_dtype`` autocasts the UNet call; MSI parameters and the loss stay fp32.
+    ``options.grad_checkpointing`` "auto" decides once, before the first step, for the N·k batch
+    (:func:`checkpointing_choice`). ``progress(done, total, info)`` runs after every step (done = 1 … total)
+    with ``info = {"loss": float, "loss_step": int, "loss_tensor": 0-d tensor}``: ``loss`` is the mean loss
+    (over faces) of the steps since the previous sync, which happens every ``options.loss_sync_every`` steps,
+    so the loop does not wait for the device each step; ``loss_step`` is the step it was synced at;
+    ``loss_tensor`` is this step's mean loss over faces, unsynced. ``cancel()`` runs before every step and
+    aborts by raising.
+
+    Returns:
+        one :class:`MSIResult` per image, in order (``losses``: that face's ε-MSE per step).
+
+    Raises:
+        InvalidImageError: for images that are not finite RGB images in [−1, 1] with sides divisible by 8.
+        ValueError: faithful mode without ``vision``.
+    """
+    _check_images(images, single=False)
     mode = options.mode
     faithful = mode == "faithful"
     if faithful and vision is None:
@@ -490,6 +546,7 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
     steps, lr, k, seed = int(options.steps), float(options.lr), int(options.timesteps_per_step), int(options.seed)
     hflip, uint8_quirk = options.hflip, options.uint8_quirk
     device = torch.device(backend.device)
+    n = int(images.shape[0])
     sync_every = options.loss_sync_every or (1 if device.type == "cpu" else 25)
     if options.autocast_dtype == "auto":
         # a backend that already computes in half precision (or does not say) is left alone
@@ -498,40 +555,50 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
     else:
         autocast_dtype = options.autocast_dtype
 
-    views_img = torch.cat([image, image.flip(-1)]) if hflip else image
+    # views of every face, face-major: [face 0, face 0 mirrored, face 1, …]
+    views_img = torch.stack([images, images.flip(-1)], dim=1).flatten(0, 1) if hflip else images
+    num_views = 2 if hflip else 1
     with torch.no_grad():
-        z0_views = backend.encode_image(views_img.to(device)).float()  # [V,4,h,w], the one VAE encode
-        feats = pooled_clip_features(vision, views_img, uint8_quirk=uint8_quirk).to(device) if faithful else None
+        z0_views = backend.encode_image(views_img.to(device)).float()  # the one VAE encode, every face and view
+        z0_views = z0_views.view(n, num_views, *z0_views.shape[1:])  # [N,V,4,h,w]
+        feats = None
+        if faithful:
+            feats = pooled_clip_features(vision, views_img, uint8_quirk=uint8_quirk).to(device)
+            feats = feats.view(n, num_views, *feats.shape[1:])  # [N,V,5,F]
 
     if faithful:
-        msi: nn.Module = MSIFaithful(vision_dim=feats.shape[-1], token_dim=backend.token_dim, seed=seed)
+        modules = [MSIFaithful(vision_dim=feats.shape[-1], token_dim=backend.token_dim, seed=seed).to(device)
+                   for _ in range(n)]
+        for module in modules:  # each face's dropout masks as it would draw them alone
+            module.seed_dropout(torch.Generator(device=device).manual_seed(seed))
     else:
-        msi = MSILite(backend.token_embedding(LITE_INIT_WORD))
-    msi = msi.to(device)
-    opt = _optimizer(msi.parameters(), lr, options.weight_decay, device)
+        init = backend.token_embedding(LITE_INIT_WORD)
+        modules = [MSILite(init).to(device) for _ in range(n)]
+    opt = _optimizer([p for module in modules for p in module.parameters()], lr, options.weight_decay, device)
 
     # every random draw of the host side, made once: timesteps, flips, their stages and the distinct
     # (flip, stage) pairs each step encodes
     cpu_gen = torch.Generator().manual_seed(int(seed))
     t_table = torch.randint(0, NUM_TRAIN_TIMESTEPS, (steps, k), generator=cpu_gen)
-    view_table = torch.randint(0, z0_views.shape[0], (steps, k), generator=cpu_gen)
+    view_table = torch.randint(0, num_views, (steps, k), generator=cpu_gen)
     t_host, view_host = t_table.tolist(), view_table.tolist()
     stage_host = [[stage_of_timestep(t) for t in row] for row in t_host]
     lr_host = [options.learning_rate(i) for i in range(steps)]
-    t_dev = t_table.to(device)  # one transfer each for the whole run
+    t_dev = t_table.to(device).repeat(1, n)  # [steps, N·k] face-major; one transfer each for the whole run
     view_dev = view_table.to(device)
     noise_gen = torch.Generator(device=device).manual_seed(int(seed))
-    loss_buf = torch.zeros(steps, device=device)
+    loss_buf = torch.zeros(steps, n, device=device)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
 
-    msi.train()
+    for module in modules:
+        module.train()
     synced_loss, synced_step, last_sync = float("nan"), -1, 0
     with _frozen(backend), _seeded_dropout(seed, device), torch.enable_grad():
         def probe():  # the UNet call of a step (its shape and precision), for the activation measurement
-            cond = torch.zeros(k, TEXT_TOKENS, backend.token_dim, device=device, requires_grad=True)
+            cond = torch.zeros(n * k, TEXT_TOKENS, backend.token_dim, device=device, requires_grad=True)
             with autocast:
-                backend.predict_eps(z0_views[:1].expand(k, -1, -1, -1), t_dev[0], cond)
+                backend.predict_eps(z0_views[:1, 0].expand(n * k, -1, -1, -1), t_dev[0], cond)
 
         checkpointing, why, activation_bytes = (checkpointing_choice(backend, options.grad_checkpointing, probe)
                                                 if steps else (False, "no steps", 0))
@@ -539,41 +606,46 @@ def train_msi(backend: DiffusionBackend, image: torch.Tensor, options: MSIOption
             for step in range(steps):
                 if cancel is not None:
                     cancel()
-                cond = _stage_cond_batch(backend, msi, feats, stage_host[step], view_host[step])
-                z0 = z0_views.index_select(0, view_dev[step])
-                eps = torch.randn(z0.shape, generator=noise_gen, device=device)
+                cond = _stage_cond_batch(backend, modules, feats, stage_host[step], view_host[step])
+                z0 = z0_views.index_select(1, view_dev[step]).flatten(0, 1)  # [N·k,4,h,w] face-major
+                eps = torch.randn((k, *z0.shape[1:]), generator=noise_gen, device=device)  # the same ε for every face
+                eps = eps.repeat(n, 1, 1, 1)
                 t = t_dev[step]
                 z_t = q_sample(z0, eps, t)
                 with autocast:
                     pred = backend.predict_eps(z_t, t, cond)
-                loss = F.mse_loss(pred.float(), eps)
+                face_losses = (pred.float() - eps).pow(2).flatten(1).mean(1).view(n, k).mean(1)  # [N]
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                face_losses.sum().backward()
                 if options.lr_schedule != "constant":
                     for group in opt.param_groups:
                         group["lr"] = lr_host[step]
                 opt.step()
-                loss_buf[step].copy_(loss.detach())
+                loss_buf[step].copy_(face_losses.detach())
                 if (step + 1) % sync_every == 0 or step == steps - 1:
                     synced_loss = float(loss_buf[last_sync:step + 1].mean())
                     synced_step, last_sync = step, step + 1
                 if progress is not None:
                     progress(step + 1, steps, {"loss": synced_loss, "loss_step": synced_step,
-                                               "loss_tensor": loss.detach()})
+                                               "loss_tensor": face_losses.detach().mean()})
 
-    msi.eval()
     with torch.no_grad():
-        tokens = msi(feats[0]) if faithful else msi()
-        tokens = tokens.float()
-        conds = backend.encode_stage_tokens(tokens).float()
+        for module in modules:
+            module.eval()
+        tokens = torch.stack([(module(feats[i, 0]) if faithful else module()).float()
+                              for i, module in enumerate(modules)])  # [N,10,D]
+        conds = backend.encode_stage_tokens(tokens.flatten(0, 1)).float()
+        conds = conds.view(n, -1, *conds.shape[1:])  # [N,10,77,D]
     fingerprint = backend.model_fingerprint() if hasattr(backend, "model_fingerprint") else None
     config = dict(seed=seed, lr=lr, weight_decay=options.weight_decay, timesteps_per_step=k, uint8_quirk=uint8_quirk,
                   hflip=hflip, autocast_dtype=str(autocast_dtype) if autocast_dtype else None,
                   model_fingerprint=fingerprint, lr_schedule=options.lr_schedule, timesteps_seen=steps * k,
                   grad_checkpointing=checkpointing, grad_checkpointing_reason=why,
-                  activation_bytes=activation_bytes)
-    return MSIResult(stage_tokens=tokens.detach(), stage_conds=conds.detach(), losses=loss_buf.tolist(), mode=mode,
-                     steps=steps, config=config, module=msi, source_latent=z0_views[:1].detach())
+                  activation_bytes=activation_bytes, faces_in_batch=n)
+    losses = loss_buf.t().tolist()
+    return [MSIResult(stage_tokens=tokens[i].detach(), stage_conds=conds[i].detach(), losses=losses[i], mode=mode,
+                      steps=steps, config=dict(config), module=modules[i], source_latent=z0_views[i, :1].detach())
+            for i in range(n)]
 
 
 def msi_objective(backend: DiffusionBackend, z0: torch.Tensor, stage_conds: torch.Tensor, *,

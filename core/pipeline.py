@@ -24,12 +24,13 @@ from .gate import IdentityScore, check_identity_gate, identity_scores
 from .errors import InvalidImageError
 from .keys import FaceGeometry, KeyMetadata, PhotoKeys, PrivacyKeys, check_compatible
 from .msi import MSIOptions
-from .recognizers import FaceCrop, FaceRecognizer, reference_embedding
+from .recognizers import FaceCrop, FaceCrops, FaceRecognizer, face_embeddings, reference_embedding
 from .sampling import SamplingOptions
 from .selection import (DEFAULT_MATCH_THRESHOLD, FacePlan, FaceSelection, check_reference, draw_face_numbers, plan_faces,
                         reference_similarities)
 from .schedules import EmbeddingSchedule
 from .report import FaceEntry, PrivacyReport, outside_face_metrics, settings_dict
+from .speed import faces_that_fit, free_memory_bytes, saved_activation_bytes
 from .verifiers import RecognizerVerifier, SFaceVerifier, Verifier
 
 #: How the guiding recognizer sees a face (:func:`face_crop_for`); "official" is the release's choice.
@@ -56,6 +57,9 @@ class ProtectOptions:
             (:func:`core.faces.match_seam_colour`).
         label: the preset's name, for the privacy report ("custom" unless made by :meth:`preset`, which
             records its speed: "paper", "default" or "fast").
+        faces_per_batch: how many faces of a photo go through MSI, inversion and sampling in one batch, ≥ 1;
+            None = as many as fit into free memory (:func:`faces_per_batch`). Changes time and memory, not
+            results (each face's result equals its own run to floating-point tolerance).
 
     Raises:
         ValueError: on a value outside those ranges (when constructed).
@@ -72,6 +76,7 @@ class ProtectOptions:
     keep_background: bool = True
     seam_colour_match: bool = True
     label: str = "custom"
+    faces_per_batch: Optional[int] = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -85,6 +90,10 @@ class ProtectOptions:
             raise ValueError(f"step_scale must be finite and ≥ 0, got {self.step_scale}")
         if not -1.0 <= self.max_identity_similarity <= 1.0:
             raise ValueError(f"max_identity_similarity must be in [-1, 1], got {self.max_identity_similarity}")
+        if self.faces_per_batch is not None and (isinstance(self.faces_per_batch, bool)
+                                                 or int(self.faces_per_batch) != self.faces_per_batch
+                                                 or self.faces_per_batch < 1):
+            raise ValueError(f"faces_per_batch must be an integer ≥ 1 or None, got {self.faces_per_batch!r}")
         if self.sampling is None:
             object.__setattr__(self, "sampling", SamplingOptions.preset(self.task))
 
@@ -230,58 +239,127 @@ def select_faces(recognizer: Optional[FaceRecognizer], photo: torch.Tensor, sele
     return plan_faces(photo, selection, detections=detections, similarities=sims)
 
 
-def protect_face(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned: faces.AlignedFace,
-                 options: ProtectOptions, *, number: int = 1, box: Optional[tuple[float, float, float, float]] = None,
-                 verifiers: Sequence[Verifier] = (),
-                 vision: Optional[VisionEncoder] = None, progress: Optional[Progress] = None,
-                 cancel: Callable[[], None] | None = None) -> ProtectedFace:
-    """The full method on one aligned face: MSI, key-I inversion, guided sampling with the face's own source
-    embedding, decode, identity gate (guiding recognizer and every verifier).
+def faces_label(first: int, count: int, total: int) -> str:
+    """The progress label of a group of faces: "face 2/3" for one, "faces 1–3/5" for several (1-based)."""
+    if count == 1:
+        return f"face {first}/{total}"
+    return f"faces {first}–{first + count - 1}/{total}"
 
-    ``progress(stage, step, total)`` with stage "msi", "inversion" or "sampling". ``number`` and ``box`` (default:
-    the bounding box of the aligned square) identify the face in its photo.
+
+def protect_faces(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned: Sequence[faces.AlignedFace],
+                  options: ProtectOptions, *, numbers: Optional[Sequence[int]] = None,
+                  boxes: Optional[Sequence[Optional[tuple[float, float, float, float]]]] = None,
+                  verifiers: Sequence[Verifier] = (), vision: Optional[VisionEncoder] = None,
+                  progress: Optional[Progress] = None,
+                  cancel: Callable[[], None] | None = None) -> list[ProtectedFace]:
+    """The full method on N aligned faces at once, every face in one batch through the UNet and VAE: MSI (N
+    independent fits, :func:`core.msi.train_msi_faces`), key-I inversion (face i with its own key-E), guided
+    sampling of N·B samples in sample-major order, each face conditioned and guided by its own key-E and source
+    embedding (:func:`core.sampling.protect`), one decode, then the identity gate per face (guiding recognizer
+    and every verifier). Each face's result equals what it gets alone (to floating-point tolerance; tested).
+
+    ``progress(stage, step, total)`` with stage "msi", "inversion" or "sampling". ``numbers`` (default 1…N) and
+    ``boxes`` (default: the bounding box of each aligned square) identify the faces in their photo.
 
     Raises:
-        ProtectionFailedError: the gate failed for this face (the message names face ``number``).
+        ProtectionFailedError: the gate failed for some face (the message names it); nothing is returned.
+        ValueError: for an empty list of faces.
     """
-    task, size = options.task, options.size
+    task, size, n = options.task, options.size, len(aligned)
+    if n < 1:
+        raise ValueError("protect_faces needs at least one aligned face")
+    numbers = list(numbers) if numbers is not None else list(range(1, n + 1))
+    batch = options.sampling.batch_size
 
     def stage(name):
         return None if progress is None else (lambda step, total, info=None: progress(name, step, total))
 
-    image = _to_model(aligned.crop, backend.device)
-    fit = msi.train_msi(backend, image, options.msi, vision=vision, progress=stage("msi"), cancel=cancel)
+    images = torch.cat([_to_model(a.crop, backend.device) for a in aligned])  # [N,3,S,S]
+    fits = msi.train_msi_faces(backend, images, options.msi, vision=vision, progress=stage("msi"), cancel=cancel)
+    stage_conds = torch.stack([fit.stage_conds for fit in fits])  # [N,10,77,D]
     with torch.no_grad():
-        z0 = fit.source_latent if fit.source_latent is not None else backend.encode_image(image)  # encoded once
-        z_T = sampling.ddim_invert(backend, z0, fit.stage_conds, options.inversion_steps,
+        z0 = torch.cat([fit.source_latent for fit in fits])  # encoded once, by MSI
+        z_T = sampling.ddim_invert(backend, z0, stage_conds, options.inversion_steps,
                                    progress=stage("inversion"), cancel=cancel)
-    face_crop = face_crop_for(options.crop, recognizer, aligned.crop)
+    crops = [face_crop_for(options.crop, recognizer, face.crop) for face in aligned]
+    # one crop for every face, or ("detect") each face's own box for its samples
+    face_crop = crops[0] if all(c == crops[0] for c in crops) else FaceCrops(tuple(crops))
     guidance = IdentityGuidance(decode=backend.decode_latent, recognizer=recognizer, crop=face_crop,
-                                source_embedding=reference_embedding(recognizer, face_crop, image), mode=task,
-                                step_size=StepSizeSchedule.preset(task).scaled(options.step_scale))
+                                source_embedding=face_embeddings(recognizer, face_crop, images), mode=task,
+                                step_size=StepSizeSchedule.preset(task).scaled(options.step_scale), faces=n)
     background = None
     if options.keep_background and task == "anonymize":
-        mask = 1.0 - faces.face_mask_in_crop(size, device=z0.device)
-        background = BackgroundPaste(mask_to_latent(mask, tuple(z0.shape[-2:])), z0)
-    latents = sampling.protect(backend, z0, fit.stage_conds, backend.null_conditioning(), guidance,
+        mask = mask_to_latent(1.0 - faces.face_mask_in_crop(size, device=z0.device), tuple(z0.shape[-2:]))
+        background = BackgroundPaste(sampling.sample_major(mask.expand(n, -1, -1, -1), batch),
+                                     sampling.sample_major(z0, batch))
+    latents = sampling.protect(backend, z0, stage_conds, backend.null_conditioning(), guidance,
                                schedule=EmbeddingSchedule.preset(task), options=options.sampling,
                                background=background, progress=stage("sampling"), cancel=cancel)
     with torch.no_grad():
-        decoded = backend.decode_latent(latents)  # once: for the gate and for the output
-        similarities = guidance.image_similarities(decoded)
-        crops = _to_photo(decoded)
-    scores = check_identity_gate(score_results(task, (recognizer.name, similarities), aligned.crop, crops, verifiers,
-                                               options.max_identity_similarity, face=number))
-    if options.seam_colour_match:
-        crops = faces.match_seam_colour(crops, aligned.crop)
-    keys = PrivacyKeys(fit.stage_tokens.detach().cpu(), fit.stage_conds.detach().cpu(), z_T.detach().cpu(),
-                       KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=options.inversion_steps,
-                                   schedule="recover", msi_mode=options.msi.mode, image_size=(size, size)))
-    if box is None:
-        (x0, y0), (x1, y1) = aligned.quad.min(axis=0), aligned.quad.max(axis=0)
-        box = (float(x0), float(y0), float(x1), float(y1))
-    return ProtectedFace(number, tuple(box), aligned, crops, keys, similarities.detach().cpu(), scores,
-                         faces_still_detected(crops, verifiers))
+        decoded = backend.decode_latent(latents)  # once, every face's samples: for the gate and for the output
+        similarities = guidance.image_similarities(decoded).detach().cpu()
+        results = _to_photo(decoded)
+    scores = []
+    for i, face in enumerate(aligned):  # fail closed: any face's failing score fails them all
+        scores.append(score_results(task, (recognizer.name, sampling.face_samples(similarities, n, i)), face.crop,
+                                    sampling.face_samples(results, n, i), verifiers,
+                                    options.max_identity_similarity, face=numbers[i]))
+    check_identity_gate([s for face_scores in scores for s in face_scores])
+    fingerprint = backend.model_fingerprint()
+    protected = []
+    for i, face in enumerate(aligned):
+        crops = sampling.face_samples(results, n, i)
+        if options.seam_colour_match:
+            crops = faces.match_seam_colour(crops, face.crop)
+        keys = PrivacyKeys(fits[i].stage_tokens.detach().cpu(), fits[i].stage_conds.detach().cpu(),
+                           z_T[i : i + 1].detach().cpu(),
+                           KeyMetadata(model_fingerprint=fingerprint, ddim_steps=options.inversion_steps,
+                                       schedule="recover", msi_mode=options.msi.mode, image_size=(size, size)))
+        box = boxes[i] if boxes is not None and boxes[i] is not None else None
+        if box is None:
+            (x0, y0), (x1, y1) = face.quad.min(axis=0), face.quad.max(axis=0)
+            box = (float(x0), float(y0), float(x1), float(y1))
+        protected.append(ProtectedFace(numbers[i], tuple(box), face, crops, keys,
+                                       sampling.face_samples(similarities, n, i), scores[i],
+                                       faces_still_detected(crops, verifiers)))
+    return protected
+
+
+def faces_per_batch(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned: faces.AlignedFace,
+                    options: ProtectOptions, count: int) -> tuple[int, str]:
+    """How many of ``count`` faces :func:`protect_photo` puts in one batch, and why.
+
+    ``options.faces_per_batch`` when set; else measured
+    (:func:`core.speed.faces_that_fit`): the activations autograd keeps for one face in MSI (k timesteps through
+    the UNet) and in a guided step (B samples through decoder and recognizer), measured at batch 1 on
+    ``aligned``'s shape and scaled, against the backend's free memory.
+    """
+    if options.faces_per_batch is not None:
+        return min(count, options.faces_per_batch), "set"
+    if count == 1:
+        return 1, "one face"
+    device = torch.device(backend.device)
+    k, batch = options.msi.timesteps_per_step, options.sampling.batch_size
+    image = _to_model(aligned.crop, device)
+    with torch.no_grad():
+        z0 = backend.encode_image(image).float()
+    t = torch.full((1,), 500, dtype=torch.long, device=device)
+    cond = backend.null_conditioning().to(device)
+    face_crop = face_crop_for(options.crop, recognizer, aligned.crop)
+    guidance = IdentityGuidance(decode=backend.decode_latent, recognizer=recognizer, crop=face_crop,
+                                source_embedding=reference_embedding(recognizer, face_crop, image), mode=options.task)
+
+    def unet():
+        backend.predict_eps(z0.requires_grad_(True), t, cond)
+
+    def guided():
+        guidance.energy(z0.detach().requires_grad_(True))
+
+    with torch.enable_grad():
+        per_face = max(k * saved_activation_bytes(unet), batch * saved_activation_bytes(guided))
+    own = getattr(backend, "free_memory_bytes", None)
+    free = int(own()) if callable(own) else free_memory_bytes(device)
+    return faces_that_fit(count, per_face, free)
 
 
 def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: torch.Tensor,
@@ -291,9 +369,11 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
                   progress: Optional[Progress] = None,
                   cancel: Callable[[], None] | None = None) -> ProtectedPhoto:
     """Anonymize (or hide) every selected face of ``photo`` [H,W,3] in [0,1]: detection and selection
-    (:func:`select_faces`, or a ``plan`` made earlier), then per face :func:`protect_face`, then every result
+    (:func:`select_faces`, or a ``plan`` made earlier), then the faces in batches (:func:`protect_faces`; as
+    many per batch as :func:`faces_per_batch` says fit into memory), then every result
     pasted into the one photo (seam colour matched, feathered); faces the method cannot process get the
-    selection's fallback. ``progress(stage, step, total)`` with stage "face N/M: msi" (or inversion, sampling);
+    selection's fallback. ``progress(stage, step, total)`` with stage "face 2/3: msi" (a batch of several:
+    "faces 1–3/5: msi"; or inversion, sampling);
     ``vision`` is needed by faithful MSI only.
 
     Fail closed: if any face fails the identity gate nothing is returned.
@@ -308,15 +388,17 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
     if plan is None:
         plan = select_faces(recognizer, photo, selection, reference, verifiers)
     chosen = plan.with_action("protect")
+    aligned = [faces.align_face(photo, planned.detection, size=options.size) for planned in chosen]
     protected: list[ProtectedFace] = []
-    for k, planned in enumerate(chosen, start=1):
-        label = f"face {k}/{len(chosen)}"
-        face_progress = None if progress is None else (lambda stage, step, total, label=label:
-                                                       progress(f"{label}: {stage}", step, total))
-        aligned = faces.align_face(photo, planned.detection, size=options.size)
-        protected.append(protect_face(backend, recognizer, aligned, options, number=planned.number,
-                                      box=planned.box, verifiers=verifiers, vision=vision, progress=face_progress,
-                                      cancel=cancel))
+    group, why = faces_per_batch(backend, recognizer, aligned[0], options, len(chosen)) if chosen else (0, "no face")
+    for first in range(0, len(chosen), max(group, 1)):
+        part = slice(first, first + group)
+        label = faces_label(first + 1, len(aligned[part]), len(chosen))
+        group_progress = None if progress is None else (lambda stage, step, total, label=label:
+                                                        progress(f"{label}: {stage}", step, total))
+        protected += protect_faces(backend, recognizer, aligned[part], options,
+                                   numbers=[p.number for p in chosen[part]], boxes=[p.box for p in chosen[part]],
+                                   verifiers=verifiers, vision=vision, progress=group_progress, cancel=cancel)
     photos, changed = compose_photo(photo, [(f.aligned, f.crops) for f in protected],
                                     fallback_alignments(photo, plan), fallback_kind(plan),
                                     options.sampling.batch_size)
@@ -326,8 +408,9 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
     entries = [FaceEntry(f.number, f.box, f.scores, f.face_detected) for f in protected]
     entries += [FaceEntry(p.number, p.box, [], [], action=p.action, reason=p.reason)
                 for p in plan.faces if p.action != "protect"]
+    settings = {**settings_dict(options), "faces_in_one_batch": group, "faces_in_one_batch_reason": why}
     report = PrivacyReport(
-        task=options.task, preset=options.label, settings=settings_dict(options),
+        task=options.task, preset=options.label, settings=settings,
         model={"unet": backend.model_fingerprint(), "text_encoder": backend.text_encoder_fingerprint()},
         faces=sorted(entries, key=lambda e: e.index),
         outside_faces=outside_face_metrics(photo, photos, changed),
@@ -386,14 +469,43 @@ def faces_still_detected(results: torch.Tensor, verifiers: Sequence[Verifier]) -
     return [bool(faces.detect_faces(image)) for image in results]
 
 
+#: faces recovered in one batch (no gradients: UNet and decoder forward passes only). Our choice.
+RECOVER_FACES_PER_BATCH = 8
+
+
+def recover_faces(backend: DiffusionBackend, keys: Sequence[PrivacyKeys],
+                  cancel: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """The original aligned faces, one [S,S,3] in [0,1] per key set (same checkpoint required): faces whose
+    keys share the DDIM step count and latent size run in batches of up to :data:`RECOVER_FACES_PER_BATCH`
+    (face i with its own key-E and key-I; equal to recovering it alone, to floating-point tolerance).
+
+    Raises:
+        KeyMismatchError: keys of another base model.
+    """
+    fingerprint = backend.model_fingerprint()
+    for face_keys in keys:
+        check_compatible(face_keys, fingerprint)
+    groups: dict[tuple, list[int]] = {}
+    for i, face_keys in enumerate(keys):
+        groups.setdefault((face_keys.metadata.ddim_steps, tuple(face_keys.z_T.shape[1:])), []).append(i)
+    out: list[Optional[torch.Tensor]] = [None] * len(keys)
+    with torch.no_grad():
+        for (steps, _), members in groups.items():
+            for first in range(0, len(members), RECOVER_FACES_PER_BATCH):
+                part = members[first : first + RECOVER_FACES_PER_BATCH]
+                z_T = torch.cat([keys[i].z_T[:1] for i in part]).to(backend.device)  # a key set holds one face
+                conds = torch.stack([sampling.stack_stage_conds(keys[i].stage_conds) for i in part])
+                z0 = sampling.recover_latent(backend, z_T, conds.to(backend.device), steps, cancel=cancel)
+                for i, crop in zip(part, _to_photo(backend.decode_latent(z0))):
+                    out[i] = crop
+    return out
+
+
 def recover_face(backend: DiffusionBackend, keys: PrivacyKeys,
                  cancel: Callable[[], None] | None = None) -> torch.Tensor:
-    """The original aligned face [S,S,3] in [0,1] from its keys (same checkpoint required)."""
-    check_compatible(keys, backend.model_fingerprint())
-    with torch.no_grad():
-        z0 = sampling.recover_latent(backend, keys.z_T.to(backend.device), keys.stage_conds.to(backend.device),
-                                     keys.metadata.ddim_steps, cancel=cancel)
-        return _to_photo(backend.decode_latent(z0))[0]
+    """The original aligned face [S,S,3] in [0,1] from its keys (same checkpoint required;
+    :func:`recover_faces` of one)."""
+    return recover_faces(backend, [keys], cancel=cancel)[0]
 
 
 @dataclass
@@ -408,8 +520,8 @@ class RecoveredPhoto:
 def recover_photo(backend: DiffusionBackend, keys: PhotoKeys, protected: torch.Tensor,
                   cancel: Callable[[], None] | None = None,
                   progress: Optional[Progress] = None) -> RecoveredPhoto:
-    """The original photo from the protected photo [H,W,3] in [0,1] and its keys: each face regenerated from
-    key-E + key-I (:func:`recover_face`) and pasted back where its geometry says, with the protection's feather;
+    """The original photo from the protected photo [H,W,3] in [0,1] and its keys: every face regenerated from
+    key-E + key-I (:func:`recover_faces`, in batches) and pasted back where its geometry says, with the protection's feather;
     pixels outside every face region are the protected photo's (which are the original's).
 
     Raises:
@@ -428,16 +540,14 @@ def recover_photo(backend: DiffusionBackend, keys: PhotoKeys, protected: torch.T
             f"The protected photo is {photo.shape[1]}×{photo.shape[0]} px, but these keys belong to a "
             f"{width}×{height} px photo: give the protected photo exactly as it was written (not resized or cropped).")
     out = photo.unsqueeze(0).clone()
-    crops = []
-    for i, (face_keys, geometry) in enumerate(zip(keys.faces, keys.geometry), start=1):
-        if progress is not None:
-            progress("recover", i - 1, len(keys.faces))
-        crop = recover_face(backend, face_keys, cancel=cancel)
+    if progress is not None:
+        progress("recover", 0, len(keys.faces))
+    crops = recover_faces(backend, keys.faces, cancel=cancel)
+    for crop, geometry in zip(crops, keys.geometry):
         aligned = faces.AlignedFace(crop=crop, matrix=np.asarray(geometry.matrix, dtype=np.float64),
                                     source_size=geometry.photo_size, size=geometry.crop_size,
                                     quad=np.asarray(geometry.quad, dtype=np.float64))
         out = faces.paste_into(out, crop.unsqueeze(0), aligned)
-        crops.append(crop)
     if progress is not None:
         progress("recover", len(keys.faces), len(keys.faces))
     return RecoveredPhoto(out[0], torch.stack(crops))

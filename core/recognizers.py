@@ -509,3 +509,13 @@ def reference_embedding(recognizer: FaceRecognizer, crop: FaceCrop, image: torch
     with normal_tensors(grad=False):
         embeddings = recognizer(crop(image.to(recognizer.device)))
         return F.normalize(embeddings.mean(dim=0, keepdim=True), p=2, dim=1)
+
+
+def face_embeddings(recognizer: FaceRecognizer, crop: FaceCrop, images: torch.Tensor) -> torch.Tensor:
+    """Identity embedding of each of N faces [N,3,H,W] in [−1,1] → float32 [N,512], L2-normalised, no grad, in
+    one recognizer call (row i is :func:`reference_embedding` of image i alone). Computed outside inference
+    mode, like :func:`reference_embedding`."""
+    if images.ndim != 4:
+        raise ValueError(f"face images must be [N,3,H,W], got {tuple(images.shape)}")
+    with normal_tensors(grad=False):
+        return F.normalize(recognizer(crop(images.to(recognizer.device))).float(), p=2, dim=1)

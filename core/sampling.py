@@ -67,6 +67,32 @@ def stack_stage_conds(stage_conds) -> torch.Tensor:
     return stage_conds
 
 
+def faces_stage_conds(stage_conds) -> torch.Tensor:
+    """Stage conditionings of N faces as one tensor [N,10,77,D], from one face's ([10,77,D] or a sequence,
+    :func:`stack_stage_conds`; N = 1) or several faces' [N,10,77,D]."""
+    if isinstance(stage_conds, torch.Tensor) and stage_conds.dim() == 4:
+        if stage_conds.shape[0] < 1 or stage_conds.shape[1] != NUM_STAGES:
+            raise ValueError(f"stage conditionings of N faces must have shape [N, {NUM_STAGES}, 77, D], "
+                             f"got {tuple(stage_conds.shape)}")
+        return stage_conds
+    return stack_stage_conds(stage_conds).unsqueeze(0)
+
+
+def stage_cond_rows(conds: torch.Tensor, stage: int, batch: int) -> torch.Tensor:
+    """The conditioning of every row of a sample-major batch of ``batch`` rows at ``stage``: [batch,77,D] with row
+    b·N + i = conds[i, stage] for N faces' conds [N,10,77,D] (one face: a view of its row, no copy).
+
+    Raises:
+        ValueError: if ``batch`` is not a multiple of N.
+    """
+    faces = conds.shape[0]
+    if batch % faces:
+        raise ValueError(f"a batch of {batch} latents cannot hold the same number of samples of {faces} faces")
+    if faces == 1:
+        return conds[0, stage : stage + 1].expand(batch, -1, -1)
+    return conds[:, stage].repeat(batch // faces, 1, 1)
+
+
 # ----------------------------------------------------------------------------------- sampling loop
 def sample_guided_ddim(
     denoise: Denoiser,
@@ -134,11 +160,14 @@ def make_backend_denoiser(
 
     z_t = x_σ/√(1+σ²); cond = stage_conds[s] or ``null_cond`` as ``schedule.stage_for(t)`` says, expanded to
     the batch; ε̂ = backend.predict_eps(z_t, t, cond); x̂₀ = x_σ − σ·ε̂. ``null_cond`` [1,77,D] may be None for
-    schedules that never ask for it (recovery).
+    schedules that never ask for it (recovery). ``stage_conds`` is one face's [10,77,D] (every row) or N faces'
+    [N,10,77,D] for a sample-major batch (row b·N + i is sample b of face i, :func:`stage_cond_rows`).
     """
-    conds = stack_stage_conds(stage_conds)
-    if null_cond is not None and (null_cond.dim() != 3 or null_cond.shape[0] != 1 or null_cond.shape[1:] != conds.shape[1:]):
-        raise ValueError(f"null conditioning must have shape [1, {conds.shape[1]}, {conds.shape[2]}], "
+    conds = faces_stage_conds(stage_conds)
+    if batch_size % conds.shape[0]:
+        raise ValueError(f"denoiser batch size {batch_size} is not a multiple of the {conds.shape[0]} faces")
+    if null_cond is not None and (null_cond.dim() != 3 or null_cond.shape[0] != 1 or null_cond.shape[1:] != conds.shape[2:]):
+        raise ValueError(f"null conditioning must have shape [1, {conds.shape[2]}, {conds.shape[3]}], "
                          f"got {tuple(null_cond.shape)}")
     cache: dict = {}
     t_vectors: dict = {}
@@ -151,13 +180,12 @@ def make_backend_denoiser(
             if stage is None:
                 if null_cond is None:
                     raise ValueError("the embedding schedule asks for the null conditioning but none was given")
-                c = null_cond
+                c = null_cond.to(device)
+                c = (as_normal(c) if needs_normal else c).expand(batch_size, -1, -1)
             else:
-                c = conds[stage : stage + 1]
-            c = c.to(device)
-            if needs_normal:
-                c = as_normal(c)
-            cache[key] = c.expand(batch_size, -1, -1)
+                c = conds.to(device)
+                c = stage_cond_rows(as_normal(c) if needs_normal else c, stage, batch_size)
+            cache[key] = c
         return cache[key]
 
     def denoise(x: torch.Tensor, sigma: float, t: int) -> torch.Tensor:
@@ -341,17 +369,21 @@ def ddim_invert(
 
     Ascends the DDIM grid 1, 1+c, …, with c = 1000 // num_steps. At each t: ε̂ = ε(x, t, c_{⌊t/100⌋}),
     x̂₀ = (x − √(1−ᾱ_t)ε̂)/√ᾱ_t, x ← √ᾱ_next·x̂₀ + √(1−ᾱ_next)·ε̂ with "next" the following grid point and, for
-    the last step, t_last + 1 (as in the official code). No CFG.
+    the last step, t_last + 1 (as in the official code). No CFG. ``stage_conds`` is one face's [10,77,D] (for
+    every row) or N faces' [N,10,77,D] with z0 [N,4,h,w] (row i inverted with face i's; every face in one batch).
 
     Raises:
-        ValueError: for a step count outside [1, 999] or stage conditionings not shaped [10,77,D].
+        ValueError: for a step count outside [1, 999], stage conditionings not shaped [10,77,D] or
+            [N,10,77,D], or N faces' conditionings for a batch of other than N latents.
     """
-    conds = stack_stage_conds(stage_conds).to(z0.device)
+    conds = faces_stage_conds(stage_conds).to(z0.device)
+    batch = z0.shape[0]
+    if conds.shape[0] not in (1, batch):
+        raise ValueError(f"stage conditionings of {conds.shape[0]} faces cannot invert a batch of {batch} latents")
     grid = ddim_timesteps(num_steps)[::-1]
     nexts = grid[1:] + [min(grid[-1] + 1, NUM_TRAIN_TIMESTEPS - 1)]
-    batch = z0.shape[0]
-    # constants of the loop, made once: each stage's conditioning as a batch view, every step's timestep vector
-    stage_cond = {s: conds[s].unsqueeze(0).expand(batch, -1, -1) for s in {stage_of_timestep(t) for t in grid}}
+    # constants of the loop, made once: each stage's conditioning as a batch, every step's timestep vector
+    stage_cond = {s: stage_cond_rows(conds, s, batch) for s in {stage_of_timestep(t) for t in grid}}
     t_all = torch.tensor(grid, dtype=torch.long).to(z0.device).view(-1, 1).expand(-1, batch)
     x = z0
     for i, (t, t_next) in enumerate(zip(grid, nexts)):
@@ -375,7 +407,8 @@ def recover_latent(
     cancel: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Identity recovery: plain DDIM from the key z_T [B,4,h,w] (VP) with the stage conditionings at every step
-    (:func:`recovery_plan`); returns the VP latent at σ(0), the recovered scaled latent."""
+    (:func:`recovery_plan`); returns the VP latent at σ(0), the recovered scaled latent. N faces recover in one
+    batch: z_T [N,4,h,w] with their conditionings [N,10,77,D] (row i with face i's)."""
     plan = recovery_plan(z_T, num_steps)
     denoise = make_backend_denoiser(backend, EmbeddingSchedule.preset("recover"), stage_conds, None, z_T.shape[0])
     return run_plan(denoise, plan, callback=progress_callback(progress, plan.num_steps), cancel=cancel)
@@ -395,12 +428,23 @@ def protect(
     progress: Progress | None = None,
     cancel: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Anonymize or hide: :func:`protection_plan`, scheduled conditionings, guided DDIM → VP latents [B,4,h,w].
+    """Anonymize or hide: :func:`faces_protection_plan`, scheduled conditionings, guided DDIM → VP latents
+    [N·B,4,h,w] for N source faces z0 [N,4,h,w] with their stage conditionings ([10,77,D] for one face,
+    [N,10,77,D] for N), sample-major (row b·N + i is sample b of face i; :func:`face_samples` picks a face's).
+    Each face's samples equal its own one-face run (to floating-point tolerance); ``guidance`` and
+    ``background`` must be built for the same N faces (IdentityGuidance ``faces``, sample-major BackgroundPaste).
 
     ``guidance`` None gives the unguided run with the same noise (a baseline). ``progress(step, total, info)``
     gets info keys t, sigma and energy (scalar tensor or None).
+
+    Raises:
+        ValueError: if the conditionings are not one face's or z0's N faces'.
     """
-    plan = protection_plan(z0, options)
-    denoise = make_backend_denoiser(backend, schedule, stage_conds, null_cond, options.batch_size)
+    conds = faces_stage_conds(stage_conds)
+    if conds.shape[0] != z0.shape[0]:
+        raise ValueError(f"{z0.shape[0]} source latents need the stage conditionings of as many faces, "
+                         f"got {conds.shape[0]}")
+    plan = faces_protection_plan(z0, options)
+    denoise = make_backend_denoiser(backend, schedule, conds, null_cond, plan.x.shape[0])
     return run_plan(denoise, plan, guidance=guidance, background=background,
                     callback=progress_callback(progress, plan.num_steps), cancel=cancel)

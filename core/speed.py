@@ -133,6 +133,24 @@ def decide_checkpointing(setting: CheckpointSetting, *, free_bytes: int, activat
                      f"× {headroom:g} {'>' if verdict else '≤'} free {free_bytes / mib:.0f} MiB)")
 
 
+def faces_that_fit(count: int, bytes_per_face: int, free_bytes: int,
+                   headroom: float = CHECKPOINTING_HEADROOM) -> tuple[int, str]:
+    """How many of ``count`` faces to run in one batch, and why: the most whose activations
+    (``bytes_per_face`` each, measured) fit ``headroom`` times into ``free_bytes``, at least 1 and at most
+    ``count``. Unknown free memory (0) gives 1.
+
+    Raises:
+        ValueError: for count < 1 or negative byte counts.
+    """
+    if count < 1 or bytes_per_face < 0 or free_bytes < 0:
+        raise ValueError(f"need count ≥ 1 and byte counts ≥ 0, got {count}, {bytes_per_face}, {free_bytes}")
+    fit = count if bytes_per_face == 0 else int(free_bytes // (bytes_per_face * headroom))
+    chosen = max(1, min(count, fit))
+    mib = 1024 * 1024
+    return chosen, (f"auto: {bytes_per_face / mib:.0f} MiB of activations per face × {headroom:g} against "
+                    f"{free_bytes / mib:.0f} MiB free")
+
+
 # ------------------------------------------------------------------------------------------ precision
 def bf16_supported(device: torch.device | str) -> bool:
     """Whether ``device`` is CUDA with native bfloat16 (compute capability ≥ 8.0: Ampere, Hopper…)."""

@@ -1,7 +1,8 @@
 """MSI Invert: learn the 10 stage conditionings of each face (key-E) and DDIM-invert it (key-I).
 
-N aligned faces give N independent fits (each exactly what that face alone gives with the same seed): key-E of
-N faces ([N,10,…], one face keeps the single-face layout) and key-I [N,4,h,w], in the order of the images."""
+N aligned faces give N independent fits, run as one batch through the UNet, text encoder and VAE (each what that
+face alone gives with the same seed, to floating-point tolerance): key-E of N faces ([N,10,…], one face keeps the
+single-face layout) and key-I [N,4,h,w], in the order of the images."""
 from __future__ import annotations
 
 import torch
@@ -94,23 +95,21 @@ class MSIInvert(io.ComfyNode):
         options = msi.MSIOptions(mode=mode, steps=steps, lr=learning_rate, seed=seed,
                                  timesteps_per_step=timesteps_per_step, uint8_quirk=official_uint8_quirk)
         faces = sources.shape[0]
-        tokens, conds, key_latents = [], [], []
-        for i in range(faces):  # N independent fits: each face its own key-E and key-I, same seed as alone
-            source = sources[i : i + 1]
-            label = "MSI " if faces == 1 else f"face {i + 1}/{faces}: MSI "
-            with normal_tensors():  # MSI's parameters and optimizer state must be normal tensors
-                result = msi.train_msi(backend, source, options, vision=vision,
-                                       progress=progress_bar(steps, label), cancel=check_interrupt)
-            z0 = result.source_latent  # encoded once, by MSI
-            z_T = sampling.ddim_invert(backend, z0, result.stage_conds, inversion_steps,
-                                       progress=progress_bar(inversion_steps), cancel=check_interrupt)
-            tokens.append(as_normal(result.stage_tokens.detach().float().cpu()))
-            conds.append(as_normal(result.stage_conds.detach().float().cpu()))
-            key_latents.append(z_T)
+        label = "MSI " if faces == 1 else f"faces 1–{faces}: MSI "
+        # N independent fits in one batch (core.msi.train_msi_faces: each face what it gets alone, same seed)
+        with normal_tensors():  # MSI's parameters and optimizer state must be normal tensors
+            results = msi.train_msi_faces(backend, sources, options, vision=vision,
+                                          progress=progress_bar(steps, label), cancel=check_interrupt)
+        z0 = torch.cat([result.source_latent for result in results])  # encoded once, by MSI
+        stage_conds = torch.stack([result.stage_conds for result in results])
+        z_T = sampling.ddim_invert(backend, z0, stage_conds, inversion_steps,
+                                   progress=progress_bar(inversion_steps), cancel=check_interrupt)
+        tokens = [as_normal(result.stage_tokens.detach().float().cpu()) for result in results]
+        conds = [as_normal(result.stage_conds.detach().float().cpu()) for result in results]
         metadata = KeyMetadata(model_fingerprint=backend.model_fingerprint(), ddim_steps=inversion_steps,
                                schedule="recover", msi_mode=mode, image_size=tuple(sources.shape[-2:]))
         embeds = PrivacyEmbeds.of_faces(tokens, conds, metadata)
-        latent = to_comfy_latent(model, torch.cat(key_latents))
+        latent = to_comfy_latent(model, z_T)
         del backend
         release_memory()
         return io.NodeOutput(embeds, latent)

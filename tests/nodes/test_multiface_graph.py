@@ -276,9 +276,10 @@ def test_msi_invert_on_two_faces_equals_two_single_face_runs(two_faces):
     assert embeds.num_faces == 2 and embeds.stage_conds.shape[:2] == (2, 10) and key_latent["samples"].shape[0] == 2
     for i, (single, single_latent) in enumerate(alone):
         assert single.num_faces == 1 and single.stage_conds.dim() == 3  # one face keeps the single-face layout
-        torch.testing.assert_close(embeds.stage_conds[i], single.stage_conds, atol=1e-6, rtol=0)
-        torch.testing.assert_close(embeds.stage_tokens[i], single.stage_tokens, atol=1e-6, rtol=0)
-        torch.testing.assert_close(key_latent["samples"][i : i + 1], single_latent["samples"], atol=1e-5, rtol=0)
+        # the two faces run as one batch: equal to each alone up to the batched kernels' rounding
+        torch.testing.assert_close(embeds.stage_conds[i], single.stage_conds, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(embeds.stage_tokens[i], single.stage_tokens, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(key_latent["samples"][i : i + 1], single_latent["samples"], atol=1e-5, rtol=1e-4)
     assert (embeds.stage_conds[0] - embeds.stage_conds[1]).abs().amax() > 1e-3  # two different faces
 
 
