@@ -33,8 +33,8 @@ from torch import nn
 from .backend import DiffusionBackend, VisionEncoder
 from .diffusion import NUM_STAGES, NUM_TRAIN_TIMESTEPS, q_sample, stage_of_timestep
 from .errors import InvalidImageError
-from .speed import (CHECKPOINTING_SETTINGS, decide_checkpointing, free_memory_bytes, resolve_autocast_dtype,
-                    saved_activation_bytes)
+from .speed import (CHECKPOINTING_SETTINGS, backend_free_bytes, decide_checkpointing, faces_that_fit,
+                    resolve_autocast_dtype, saved_activation_bytes)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -476,12 +476,38 @@ def checkpointing_choice(backend: DiffusionBackend, setting, probe: Callable[[],
         return True, "on (already on in the backend)", 0
     if setting is not True and setting is not False and setting == "auto":
         activations = saved_activation_bytes(probe)
-        own = getattr(backend, "free_memory_bytes", None)
-        free = int(own()) if callable(own) else free_memory_bytes(backend.device)
+        free = backend_free_bytes(backend)
         on, reason = decide_checkpointing(setting, free_bytes=free, activation_bytes=activations)
         return on, reason, activations
     on, reason = decide_checkpointing(setting, free_bytes=0, activation_bytes=0)
     return on, reason, 0
+
+
+def face_activation_bytes(backend: DiffusionBackend, z0: torch.Tensor, options: MSIOptions) -> int:
+    """Bytes autograd keeps for one face in an MSI step: one UNet forward at batch 1 on latent z0 [1,4,h,w]
+    (measured, :func:`core.speed.saved_activation_bytes`) × ``options.timesteps_per_step``. Without autocast,
+    so an upper bound where bf16 autocast runs."""
+    device = torch.device(backend.device)
+    t = torch.full((1,), NUM_TRAIN_TIMESTEPS // 2, dtype=torch.long, device=device)
+    cond = torch.zeros(1, TEXT_TOKENS, backend.token_dim, device=device, requires_grad=True)
+
+    def unet():
+        backend.predict_eps(z0.detach().to(device).float(), t, cond)
+
+    with _frozen(backend), torch.enable_grad():
+        return int(options.timesteps_per_step) * saved_activation_bytes(unet)
+
+
+def msi_faces_per_batch(backend: DiffusionBackend, images: torch.Tensor, options: MSIOptions) -> tuple[int, str]:
+    """How many of the N faces [N,3,H,W] in [−1,1] :func:`train_msi_faces` should fit at once, and why: as many
+    as :func:`face_activation_bytes` (measured on the first face) lets fit into the backend's free memory
+    (:func:`core.speed.faces_that_fit`)."""
+    count = int(images.shape[0])
+    if count == 1:
+        return 1, "one face"
+    with torch.no_grad():
+        z0 = backend.encode_image(images[:1].to(backend.device)).float()
+    return faces_that_fit(count, face_activation_bytes(backend, z0, options), backend_free_bytes(backend))
 
 
 def _optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:

@@ -30,7 +30,7 @@ from .selection import (DEFAULT_MATCH_THRESHOLD, FacePlan, FaceSelection, check_
                         reference_similarities)
 from .schedules import EmbeddingSchedule
 from .report import FaceEntry, PrivacyReport, outside_face_metrics, settings_dict
-from .speed import faces_that_fit, free_memory_bytes, saved_activation_bytes
+from .speed import backend_free_bytes, faces_that_fit, saved_activation_bytes
 from .verifiers import RecognizerVerifier, SFaceVerifier, Verifier
 
 #: How the guiding recognizer sees a face (:func:`face_crop_for`); "official" is the release's choice.
@@ -339,26 +339,20 @@ def faces_per_batch(backend: DiffusionBackend, recognizer: FaceRecognizer, align
     if count == 1:
         return 1, "one face"
     device = torch.device(backend.device)
-    k, batch = options.msi.timesteps_per_step, options.sampling.batch_size
+    batch = options.sampling.batch_size
     image = _to_model(aligned.crop, device)
     with torch.no_grad():
         z0 = backend.encode_image(image).float()
-    t = torch.full((1,), 500, dtype=torch.long, device=device)
-    cond = backend.null_conditioning().to(device)
     face_crop = face_crop_for(options.crop, recognizer, aligned.crop)
     guidance = IdentityGuidance(decode=backend.decode_latent, recognizer=recognizer, crop=face_crop,
                                 source_embedding=reference_embedding(recognizer, face_crop, image), mode=options.task)
-
-    def unet():
-        backend.predict_eps(z0.requires_grad_(True), t, cond)
 
     def guided():
         guidance.energy(z0.detach().requires_grad_(True))
 
     with torch.enable_grad():
-        per_face = max(k * saved_activation_bytes(unet), batch * saved_activation_bytes(guided))
-    own = getattr(backend, "free_memory_bytes", None)
-    free = int(own()) if callable(own) else free_memory_bytes(device)
+        per_face = max(msi.face_activation_bytes(backend, z0, options.msi), batch * saved_activation_bytes(guided))
+    free = backend_free_bytes(backend)
     return faces_that_fit(count, per_face, free)
 
 

@@ -71,6 +71,13 @@ def free_memory_bytes(device: torch.device | str) -> int:
     return 0
 
 
+def backend_free_bytes(backend) -> int:
+    """Free memory on a backend's device: its own ``free_memory_bytes()`` when it has one (ComfyUI's view, which
+    counts models it can unload), else :func:`free_memory_bytes` of ``backend.device``."""
+    own = getattr(backend, "free_memory_bytes", None)
+    return int(own()) if callable(own) else free_memory_bytes(backend.device)
+
+
 def saved_activation_bytes(fn: Callable[[], Any]) -> int:
     """Bytes autograd would keep for backward while ``fn()`` runs (a forward pass with grad enabled).
 

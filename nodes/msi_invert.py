@@ -12,7 +12,7 @@ from ..core import msi, sampling
 from ..core.autograd import as_normal, normal_tensors
 from ..core.diffusion import MAX_DDIM_STEPS
 from ..core.keys import KeyMetadata
-from ..core.pipeline import ProtectOptions
+from ..core.pipeline import ProtectOptions, faces_label
 from .comfy.backend import ComfyBackend, ComfyVisionEncoder
 from .comfy.models import check_clip, check_model, check_vae, release_memory, to_comfy_latent
 from .comfy.progress import check_interrupt, progress_bar
@@ -95,11 +95,17 @@ class MSIInvert(io.ComfyNode):
         options = msi.MSIOptions(mode=mode, steps=steps, lr=learning_rate, seed=seed,
                                  timesteps_per_step=timesteps_per_step, uint8_quirk=official_uint8_quirk)
         faces = sources.shape[0]
-        label = "MSI " if faces == 1 else f"faces 1–{faces}: MSI "
-        # N independent fits in one batch (core.msi.train_msi_faces: each face what it gets alone, same seed)
-        with normal_tensors():  # MSI's parameters and optimizer state must be normal tensors
-            results = msi.train_msi_faces(backend, sources, options, vision=vision,
-                                          progress=progress_bar(steps, label), cancel=check_interrupt)
+        # N independent fits (core.msi.train_msi_faces: each face what it gets alone, same seed), as many faces
+        # per batch as fit into the memory ComfyUI reports
+        with normal_tensors():  # measured with autograd on, outside ComfyUI's inference mode
+            group, _ = msi.msi_faces_per_batch(backend, sources, options)
+        results = []
+        for first in range(0, faces, group):
+            part = sources[first : first + group]
+            label = "MSI " if faces == 1 else f"{faces_label(first + 1, part.shape[0], faces)}: MSI "
+            with normal_tensors():  # MSI's parameters and optimizer state must be normal tensors
+                results += msi.train_msi_faces(backend, part, options, vision=vision,
+                                               progress=progress_bar(steps, label), cancel=check_interrupt)
         z0 = torch.cat([result.source_latent for result in results])  # encoded once, by MSI
         stage_conds = torch.stack([result.stage_conds for result in results])
         z_T = sampling.ddim_invert(backend, z0, stage_conds, inversion_steps,

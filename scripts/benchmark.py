@@ -24,9 +24,9 @@ Sections (--sections, comma-separated; default all but e2e for --weights sd15 on
 * e2e — one face end to end (core.pipeline.protect_photo on scikit-image's astronaut photo, the aligned face
   at --size) for each preset (paper, default, fast), with the seconds per stage.
 * batch — the optimised guided step for B = 1, 2, 4, 8 samples (--batches).
-* faces — faces per photo, 1, 2, 4, 8 (--faces), through a runner of FACE_RUNNERS (--faces-runner: "photo"
-  protects one generated photo with n faces in one protect_photo call; "sequential" calls the one-face path once
-  per face).
+* faces — faces per photo, 1, 2, 4, 8 (--faces): one generated photo with n faces through protect_photo, the
+  faces one at a time (faces_per_batch=1, the reference) and in one batch (the default: as many as fit into
+  memory), both in this run, with their ratio and peak memory.
 * comfyui (only with --comfyui; tiny checkpoint in an in-process ComfyUI on this machine's device setting):
   the guidance decoder copy (whole VAE vs decoder only), MSI Invert's inversion through the trainable UNet
   (reference) vs the plain MODEL, the trainable UNet's MSI step with a clone of every weight (reference) vs
@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -443,15 +443,6 @@ def end_to_end(ctx: Context) -> list[dict]:
     return rows
 
 
-def run_faces_sequential(ctx: Context, n: int, speed: str) -> float:
-    """Seconds to protect ``n`` faces through the one-face path (``protect_photo`` once per face).
-
-    The multi-face hook: when core.pipeline protects all faces of a photo in one call, add a runner to
-    FACE_RUNNERS that builds a photo with ``n`` faces and calls it once, and select it with --faces-runner.
-    """
-    return sum(protect_once(ctx, speed)["seconds"] for _ in range(n))
-
-
 def n_face_photo(n: int):
     """A photo [H,W,3] in [0,1] with ``n`` copies of scikit-image's astronaut head in a grid on a grey canvas."""
     import torch
@@ -467,39 +458,45 @@ def n_face_photo(n: int):
     return canvas
 
 
-def run_faces_in_one_photo(ctx: Context, n: int, speed: str) -> float:
-    """Seconds for ``protect_photo`` on one photo with ``n`` faces (every face protected in one call: detection
-    and selection once, then the full method per face, then one composition)."""
+def protect_n_faces(ctx: Context, n: int, speed: str, faces_per_batch: Optional[int]) -> tuple[float, float, int]:
+    """(seconds, peak MiB, faces in one batch) of ``protect_photo`` on one photo with ``n`` faces: detection and
+    selection once, the faces ``faces_per_batch`` at a time (None: as many as fit, the default), one composition."""
     from core.pipeline import ProtectOptions, protect_photo, select_faces
 
     photo = n_face_photo(n)
     plan = select_faces(None, photo)
     if len(plan.with_action("protect")) != n:
         raise RuntimeError(f"the {n}-face benchmark photo shows {len(plan.with_action('protect'))} protectable faces")
-    options = ProtectOptions.preset("anonymize", speed, size=ctx.args.size, max_identity_similarity=1.0)
+    options = ProtectOptions.preset("anonymize", speed, size=ctx.args.size, max_identity_similarity=1.0,
+                                    faces_per_batch=faces_per_batch)
     if ctx.args.plumbing:
         options = dataclasses.replace(options, msi=dataclasses.replace(options.msi, steps=2), inversion_steps=4,
                                       sampling=dataclasses.replace(options.sampling, steps=4))
     sync(ctx.device)
     start = time.perf_counter()
-    protect_photo(ctx.optimised, ctx.recognizer, photo, options, plan=plan)
+    with PeakMemory(ctx.device) as mem:
+        result = protect_photo(ctx.optimised, ctx.recognizer, photo, options, plan=plan)
     sync(ctx.device)
-    return time.perf_counter() - start
-
-
-FACE_RUNNERS: dict[str, Callable[[Context, int, str], float]] = {"sequential": run_faces_sequential,
-                                                                  "photo": run_faces_in_one_photo}
+    return time.perf_counter() - start, mem.peak_bytes / 2**20, int(result.report.settings["faces_in_one_batch"])
 
 
 def faces_scaling(ctx: Context) -> list[dict]:
-    runner = FACE_RUNNERS[ctx.args.faces_runner]
+    """Per face count n: the photo's faces one at a time (faces_per_batch=1, the reference) and in one batch (the
+    default), measured in this run, and their ratio."""
     rows = []
     for n in ctx.args.faces:
-        seconds = runner(ctx, n, ctx.args.faces_preset)
-        rows.append({"faces": n, "seconds": round(seconds, 2), "per_face": round(seconds / n, 2),
-                     "runner": ctx.args.faces_runner, "preset": ctx.args.faces_preset})
-        print(f"  {n:2d} face(s): {seconds:8.1f} s, {seconds / n:7.1f} s per face ({ctx.args.faces_runner}, "
-              f"{ctx.args.faces_preset})", flush=True)
+        one_s, one_mib, _ = protect_n_faces(ctx, n, ctx.args.faces_preset, 1)
+        if n == 1:
+            batch_s, batch_mib, group = one_s, one_mib, 1
+        else:
+            batch_s, batch_mib, group = protect_n_faces(ctx, n, ctx.args.faces_preset, None)
+        rows.append({"faces": n, "one_at_a_time_s": round(one_s, 2), "batched_s": round(batch_s, 2),
+                     "ratio": round(batch_s / one_s, 3), "per_face_batched_s": round(batch_s / n, 2),
+                     "faces_in_one_batch": group, "peak_mib": [round(one_mib, 1), round(batch_mib, 1)],
+                     "preset": ctx.args.faces_preset})
+        print(f"  {n:2d} face(s): one at a time {one_s:8.1f} s, {group} per batch {batch_s:8.1f} s → ratio "
+              f"{batch_s / one_s:5.2f}, {batch_s / n:6.1f} s per face ({ctx.args.faces_preset}; peak "
+              f"{one_mib:.0f} / {batch_mib:.0f} MiB)", flush=True)
     return rows
 
 
@@ -683,7 +680,6 @@ def parse(argv=None) -> argparse.Namespace:
                     help="cut every preset of e2e/faces to 2 MSI steps, 4 inversion steps and a 4-step grid: a "
                          "check that the script runs (results are marked plumbing), not a measurement")
     ap.add_argument("--faces", default="1,2,4,8")
-    ap.add_argument("--faces-runner", choices=sorted(FACE_RUNNERS), default="photo")
     ap.add_argument("--faces-preset", choices=PRESETS, default="fast")
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--out", help="write the results as JSON to this file")

@@ -140,6 +140,9 @@ def argument_problem(args) -> str | None:
             problems.append(_file_problem("--reference", args.reference, "photo of the person to match"))
         if args.faces in ("match", "except") and not args.reference:
             problems.append(f"--faces {args.faces} compares faces with a photo of the person: give --reference.")
+        if getattr(args, "faces_per_batch", None) is not None and args.faces_per_batch < 1:
+            problems.append(f"--faces-per-batch {args.faces_per_batch}: give a number of faces ≥ 1 (or leave it out "
+                            f"to fit as many as memory allows).")
         if args.faces == "index" and not args.face_numbers:
             problems.append("--faces index needs --face-numbers (e.g. 1,3; numbers as in the preview).")
         problems.append(_file_problem("--recognizer", args.recognizer, "face recognizer weight file (.pt/.pth)"))
@@ -266,7 +269,8 @@ def options_from(args, faithful: bool) -> ProtectOptions:
     msi_overrides = {} if args.msi_steps is None else {"steps": args.msi_steps}
     sampling = {name: getattr(args, name) for name in ("steps", "strength", "batch_size", "seed")
                 if getattr(args, name) is not None}
-    given = {name: getattr(args, name) for name in ("inversion_steps", "step_scale") if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in ("inversion_steps", "step_scale", "faces_per_batch")
+             if getattr(args, name) is not None}
     return ProtectOptions.preset(args.task, args.speed, size=args.size,
                                  msi=MSIOptions.preset("faithful" if faithful else "lite", args.speed, **msi_overrides),
                                  sampling=sampling, crop=args.crop,
@@ -514,6 +518,9 @@ def parser() -> argparse.ArgumentParser:
                         "MSI timesteps 4 per step; fast = fewer MSI timesteps and half the sampling grid (every "
                         "result still passes the identity gate)")
     p.add_argument("--msi-steps", type=int)
+    p.add_argument("--faces-per-batch", type=int,
+                   help="faces of a photo run together through MSI, inversion and sampling (default: as many as "
+                        "fit into free memory; 1 uses the least memory; the results are the same)")
     p.add_argument("--inversion-steps", type=int, help="DDIM steps of key-I (default 50)")
     p.add_argument("--steps", type=int, help="DDIM grid (preset: 50 anonymize, 100 hide)")
     p.add_argument("--strength", type=float)

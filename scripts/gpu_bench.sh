@@ -12,8 +12,9 @@
 #                  guided step at batch 4, decode + recognizer backward), eager: fp32 vs bf16 weights
 #                  of the same random SD1.5; then the guided step at B = 1, 2, 4, 8                 ~100 s
 #   2 e2e          one face end to end, presets fast and default                                    ~100 s
-#   3 paper        one face end to end with the paper preset (1500 MSI steps at batch 1)            ~130 s
-#   4 faces        1, 2, 4 faces through the one-face path (fast preset)                            ~90 s
+#   3 faces        photos with 1, 2, 4 faces (fast preset), faces one at a time vs in one batch,
+#                  with the ratio                                                                   ~130 s
+#   4 paper        one face end to end with the paper preset (1500 MSI steps at batch 1)            ~130 s
 #   5 compiled     components again with the compiled UNet step (torch.compile, CUDA graphs);
 #                  compiling takes minutes, so this runs last and only when 200 s are left          ~200 s
 # Every part writes its JSON into the work folder; at the end (also after a timeout) they are merged into
@@ -110,8 +111,8 @@ part() {  # name, estimate (s), benchmark arguments...
 failed=0
 part 1-components 100 --sections components,batch --batches "$BATCHES" || failed=1
 part 2-e2e 100 --sections e2e --presets fast,default "${E2E[@]}" || failed=1
-part 3-paper 130 --sections e2e --presets paper "${E2E[@]}" || true
-part 4-faces 90 --sections faces --faces "$FACES" "${E2E[@]}" || true
+part 3-faces 130 --sections faces --faces "$FACES" "${E2E[@]}" || true
+part 4-paper 130 --sections e2e --presets paper "${E2E[@]}" || true
 if [ "$DEVICE" = cpu ]; then
     say "SKIPPED part 5-compiled: GPU-only (torch.compile with CUDA graphs needs a CUDA device)"
     say "SKIPPED peak GPU memory: GPU-only (the CPU parts report the process's RSS rise instead)"

@@ -121,6 +121,7 @@ def _recover_args(tmp_path, **changes):
     ("protect", {"--tokenizer-dir": "no-such-folder"}, "--tokenizer-dir 'no-such-folder': no such folder"),
     ("protect", {"--keys": "EXISTING"}, "exists already; key files are never replaced"),
     ("protect", {"--photo": "no-such-photo.jpg"}, "--photo 'no-such-photo.jpg': no such file or folder"),
+    ("protect", {"--faces-per-batch": "0"}, "--faces-per-batch 0: give a number of faces ≥ 1"),
     ("recover", {"--keys": "lost.dpkey"}, "--keys 'lost.dpkey': no such file"),
     ("recover", {"--out": "no/such/folder/face.png"}, "the folder 'no/such/folder' does not exist"),
     ("recover", {"--out": "FOLDER"}, "is a folder; give the file name"),

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import tiny_diffusers as td
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,16 +30,20 @@ def test_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
     assert "SKIPPED part 5-compiled: GPU-only" in log and "SKIPPED peak GPU memory: GPU-only" in log
     merged = json.loads((out / "gpu_bench.json").read_text())
     parts = merged["parts"]
-    assert merged["device"] == "cpu" and set(parts) == {"1-components", "2-e2e", "3-paper", "4-faces"}
+    assert merged["device"] == "cpu" and set(parts) == {"1-components", "2-e2e", "3-faces", "4-paper"}
     rows = {row["component"]: row for row in parts["1-components"]["components"]}
     per_timestep = rows["MSI cost per timestep seen"]
     assert per_timestep["ratio"] == round(per_timestep["optimised"] / per_timestep["reference"], 3)
     assert {"inversion step (batch 1)", "guided anonymize step (batch 4)",
             "decode + recognizer fwd+bwd (batch 4)"} <= set(rows)
     assert [r["preset"] for r in parts["2-e2e"]["e2e"]] == ["fast", "default"]
-    assert all(r["plumbing"] and r["seconds"] > 0 for r in parts["2-e2e"]["e2e"] + parts["3-paper"]["e2e"])
+    assert all(r["plumbing"] and r["seconds"] > 0 for r in parts["2-e2e"]["e2e"] + parts["4-paper"]["e2e"])
     assert [r["batch"] for r in parts["1-components"]["batch"]] == [1, 2]
-    assert [r["faces"] for r in parts["4-faces"]["faces"]] == [1, 2]
+    faces = parts["3-faces"]["faces"]
+    assert [r["faces"] for r in faces] == [1, 2]
+    # two faces: one at a time and in one batch, both measured in the run, and their ratio
+    assert faces[1]["faces_in_one_batch"] == 2 and faces[1]["one_at_a_time_s"] > 0 and faces[1]["batched_s"] > 0
+    assert faces[1]["ratio"] == pytest.approx(faces[1]["batched_s"] / faces[1]["one_at_a_time_s"], abs=0.02)
     assert parts["1-components"]["config"]["threads"] == 1
 
 

@@ -166,3 +166,24 @@ def test_faces_that_fit_and_the_progress_label():
     assert faces_label(2, 1, 3) == "face 2/3" and faces_label(1, 3, 5) == "faces 1–3/5"
     with pytest.raises(ValueError, match="faces_per_batch"):
         _options(faces_per_batch=0)
+
+
+def test_msi_faces_per_batch_follows_free_memory(images, monkeypatch):
+    """The measured activations of one face (k timesteps) decide how many faces MSI fits at once."""
+    import core.msi as msi_module
+
+    toy = ToyBackend(seed=0)
+    options = MSIOptions.preset("lite", steps=1, timesteps_per_step=4)
+    with torch.no_grad():
+        z0 = toy.encode_image(images[:1])
+    per_face = msi_module.face_activation_bytes(toy, z0, options)
+    half = msi_module.face_activation_bytes(toy, z0, MSIOptions.preset("lite", steps=1, timesteps_per_step=2))
+    assert per_face > 0 and per_face == 2 * half  # measured at batch 1, scaled by k
+    monkeypatch.setattr(msi_module, "backend_free_bytes", lambda backend: 10**15)
+    assert msi_module.msi_faces_per_batch(toy, images, options)[0] == N
+    monkeypatch.setattr(msi_module, "backend_free_bytes", lambda backend: int(per_face * 2 * 2))
+    assert msi_module.msi_faces_per_batch(toy, images, options)[0] == 2
+    monkeypatch.setattr(msi_module, "backend_free_bytes", lambda backend: 1)
+    count, why = msi_module.msi_faces_per_batch(toy, images, options)
+    assert count == 1 and "MiB" in why
+    assert msi_module.msi_faces_per_batch(toy, images[:1], options) == (1, "one face")

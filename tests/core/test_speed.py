@@ -107,7 +107,7 @@ def test_checkpointing_on_and_off_train_the_same_tokens(sd_backend):
 
 @pytest.mark.parametrize("free,expected", [(10**15, False), (1, True)])
 def test_auto_checkpointing_follows_free_memory(sd_backend, monkeypatch, free, expected):
-    monkeypatch.setattr(msi_module, "free_memory_bytes", lambda device: free)
+    monkeypatch.setattr(msi_module, "backend_free_bytes", lambda backend: free)
     toggles = []
     original = sd_backend.enable_gradient_checkpointing
     monkeypatch.setattr(sd_backend, "enable_gradient_checkpointing", lambda on=True: (toggles.append(on), original(on)))

@@ -283,6 +283,28 @@ def test_msi_invert_on_two_faces_equals_two_single_face_runs(two_faces):
     assert (embeds.stage_conds[0] - embeds.stage_conds[1]).abs().amax() > 1e-3  # two different faces
 
 
+def test_msi_invert_fits_the_faces_that_memory_allows_per_batch(comfy_inprocess, two_faces, models, monkeypatch):
+    """With free memory for one face only, MSI Invert fits the two faces one batch each: the same keys."""
+    import importlib
+
+    aligned, _, (embeds, key_latent), _ = two_faces
+    invert = comfy_inprocess.node_classes["DiffPrivacy_MSIInvert"]
+    core_msi = importlib.import_module(invert.__module__).msi
+    measured = []
+    monkeypatch.setattr(core_msi, "backend_free_bytes", lambda backend: measured.append(1) or 1)
+    model, clip, vae, _ = models
+    groups = []
+    original = core_msi.train_msi_faces
+    monkeypatch.setattr(core_msi, "train_msi_faces",
+                        lambda backend, images, *a, **k: groups.append(images.shape[0]) or original(backend, images, *a, **k))
+    one_by_one, latent = _run(invert, image=aligned, model=model, clip=clip, vae=vae, mode="lite", steps=2,
+                              learning_rate=5e-3, inversion_steps=4, timesteps_per_step=1, seed=23,
+                              official_uint8_quirk=False)
+    assert measured and groups == [1, 1]
+    torch.testing.assert_close(one_by_one.stage_conds, embeds.stage_conds, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(latent["samples"], key_latent["samples"], atol=1e-5, rtol=1e-4)
+
+
 def _sample(comfy, models, aligned, mask, embeds, step_scale=1.0, seed=7):
     """Embedding Scheduler → Identity Energy Guidance → Privacy Sampler on ``aligned`` faces with their key-E."""
     model, clip, vae, recognizer = models

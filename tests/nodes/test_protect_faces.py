@@ -97,6 +97,10 @@ def test_every_face_changed_everything_else_identical(comfy_inprocess, group, qu
     report = json.loads((comfy_inprocess.output_path(records[0]).with_suffix("")).with_suffix(".report.json")
                         .read_text())
     assert report["passed"] and [f["action"] for f in report["faces"]] == ["protected"] * 3
+    # the three faces ran as one batch: ComfyUI's free memory holds the activations measured for them
+    settings = report["settings"]
+    assert settings["faces_in_one_batch"] == 3 and "MiB of activations per face" in settings["faces_in_one_batch_reason"]
+    assert not settings["faces_in_one_batch_reason"].startswith("auto: 0 MiB")
     assert len(keys) == 1 and keys[0].endswith(".dpkey")
 
 
