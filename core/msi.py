@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autograd import normal_tensors
 from .backend import DiffusionBackend, VisionEncoder
 from .diffusion import NUM_STAGES, NUM_TRAIN_TIMESTEPS, q_sample, stage_of_timestep
 from .errors import InvalidImageError
+from .keys import LATENT_CHANNELS
 from .speed import (CHECKPOINTING_SETTINGS, backend_free_bytes, decide_checkpointing, faces_that_fit,
                     resolve_autocast_dtype, saved_activation_bytes)
 
@@ -397,22 +399,6 @@ def _check_images(images: torch.Tensor, single: bool) -> None:
 
 
 @contextlib.contextmanager
-def _seeded_dropout(seed: int, device: torch.device):
-    """Dropout draws from the global RNG: seed it for the run and restore the caller's state afterwards."""
-    with contextlib.ExitStack() as stack:
-        try:
-            if device.type == "cpu":
-                stack.enter_context(torch.random.fork_rng(devices=[]))
-            else:
-                index = device.index if device.index is not None else 0
-                stack.enter_context(torch.random.fork_rng(devices=[index], device_type=device.type))
-        except (AttributeError, RuntimeError):  # no per-device RNG state API: keep the CPU state only
-            stack.enter_context(torch.random.fork_rng(devices=[]))
-        torch.manual_seed(int(seed))
-        yield
-
-
-@contextlib.contextmanager
 def _frozen(backend):
     """Backends that are nn.Modules (test doubles, bridges) get requires_grad off for the duration."""
     params = list(backend.parameters()) if isinstance(backend, nn.Module) else []
@@ -483,31 +469,35 @@ def checkpointing_choice(backend: DiffusionBackend, setting, probe: Callable[[],
     return on, reason, 0
 
 
-def face_activation_bytes(backend: DiffusionBackend, z0: torch.Tensor, options: MSIOptions) -> int:
-    """Bytes autograd keeps for one face in an MSI step: one UNet forward at batch 1 on latent z0 [1,4,h,w]
-    (measured, :func:`core.speed.saved_activation_bytes`) × ``options.timesteps_per_step``. Without autocast,
-    so an upper bound where bf16 autocast runs."""
+def face_activation_bytes(backend: DiffusionBackend, latent_shape: Sequence[int], options: MSIOptions) -> int:
+    """Bytes autograd keeps for one face in an MSI step: one UNet forward at batch 1 on a latent of
+    ``latent_shape`` [1,4,h,w] with a conditioning that needs its gradient (measured,
+    :func:`core.speed.saved_activation_bytes`; activation sizes depend on shapes only, so the inputs are zeros)
+    × ``options.timesteps_per_step``. Measured outside inference mode with autograd on, wherever it is called
+    from; without autocast, so an upper bound where bf16 autocast runs. UNet checkpointing is not assumed (the
+    batch that fits without it; :func:`train_msi_faces` still turns it on for its batch when needed). The text
+    encoder's activations are left out (77 tokens per distinct stage: small next to the UNet's)."""
     device = torch.device(backend.device)
-    t = torch.full((1,), NUM_TRAIN_TIMESTEPS // 2, dtype=torch.long, device=device)
-    cond = torch.zeros(1, TEXT_TOKENS, backend.token_dim, device=device, requires_grad=True)
+    with normal_tensors(grad=True), _frozen(backend):
+        z = torch.zeros(tuple(latent_shape), device=device)
+        t = torch.full((1,), NUM_TRAIN_TIMESTEPS // 2, dtype=torch.long, device=device)
+        cond = torch.zeros(1, TEXT_TOKENS, backend.token_dim, device=device, requires_grad=True)
+        return int(options.timesteps_per_step) * saved_activation_bytes(lambda: backend.predict_eps(z, t, cond))
 
-    def unet():
-        backend.predict_eps(z0.detach().to(device).float(), t, cond)
 
-    with _frozen(backend), torch.enable_grad():
-        return int(options.timesteps_per_step) * saved_activation_bytes(unet)
+def latent_shape_of(images: torch.Tensor) -> tuple[int, int, int, int]:
+    """The SD latent shape [1,4,H/8,W/8] of one image of ``images`` [N,3,H,W]."""
+    return (1, LATENT_CHANNELS, int(images.shape[-2]) // 8, int(images.shape[-1]) // 8)
 
 
 def msi_faces_per_batch(backend: DiffusionBackend, images: torch.Tensor, options: MSIOptions) -> tuple[int, str]:
-    """How many of the N faces [N,3,H,W] in [−1,1] :func:`train_msi_faces` should fit at once, and why: as many
-    as :func:`face_activation_bytes` (measured on the first face) lets fit into the backend's free memory
-    (:func:`core.speed.faces_that_fit`)."""
+    """How many of the N faces [N,3,H,W] :func:`train_msi_faces` should fit at once, and why: as many as
+    :func:`face_activation_bytes` lets fit into the backend's free memory (:func:`core.speed.faces_that_fit`)."""
     count = int(images.shape[0])
     if count == 1:
         return 1, "one face"
-    with torch.no_grad():
-        z0 = backend.encode_image(images[:1].to(backend.device)).float()
-    return faces_that_fit(count, face_activation_bytes(backend, z0, options), backend_free_bytes(backend))
+    per_face = face_activation_bytes(backend, latent_shape_of(images), options)
+    return faces_that_fit(count, per_face, backend_free_bytes(backend))
 
 
 def _optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
@@ -620,7 +610,7 @@ def train_msi_faces(backend: DiffusionBackend, images: torch.Tensor, options: MS
     for module in modules:
         module.train()
     synced_loss, synced_step, last_sync = float("nan"), -1, 0
-    with _frozen(backend), _seeded_dropout(seed, device), torch.enable_grad():
+    with _frozen(backend), torch.enable_grad():
         def probe():  # the UNet call of a step (its shape and precision), for the activation measurement
             cond = torch.zeros(n * k, TEXT_TOKENS, backend.token_dim, device=device, requires_grad=True)
             with autocast:

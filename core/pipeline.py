@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import faces, msi, sampling
+from .autograd import normal_tensors
 from .backend import DiffusionBackend, VisionEncoder
 from .diffusion import check_num_steps
 from .energies import MODES as TASKS
@@ -24,7 +25,7 @@ from .gate import IdentityScore, check_identity_gate, identity_scores
 from .errors import InvalidImageError
 from .keys import FaceGeometry, KeyMetadata, PhotoKeys, PrivacyKeys, check_compatible
 from .msi import MSIOptions
-from .recognizers import FaceCrop, FaceCrops, FaceRecognizer, face_embeddings, reference_embedding
+from .recognizers import FaceCrop, FaceCrops, FaceRecognizer, face_embeddings
 from .sampling import SamplingOptions
 from .selection import (DEFAULT_MATCH_THRESHOLD, FacePlan, FaceSelection, check_reference, draw_face_numbers, plan_faces,
                         reference_similarities)
@@ -331,8 +332,10 @@ def faces_per_batch(backend: DiffusionBackend, recognizer: FaceRecognizer, align
 
     ``options.faces_per_batch`` when set; else measured
     (:func:`core.speed.faces_that_fit`): the activations autograd keeps for one face in MSI (k timesteps through
-    the UNet) and in a guided step (B samples through decoder and recognizer), measured at batch 1 on
-    ``aligned``'s shape and scaled, against the backend's free memory.
+    the UNet, :func:`core.msi.face_activation_bytes`) and in a guided step (B samples through decoder and
+    recognizer), measured at batch 1 on ``aligned``'s shape and scaled, against the backend's free memory.
+    Conservative: every saved tensor is counted as growing with the batch, and without UNet checkpointing or
+    bf16 autocast (where memory is short, MSI's own checkpointing decision may still let a batch fit).
     """
     if options.faces_per_batch is not None:
         return min(count, options.faces_per_batch), "set"
@@ -341,17 +344,14 @@ def faces_per_batch(backend: DiffusionBackend, recognizer: FaceRecognizer, align
     device = torch.device(backend.device)
     batch = options.sampling.batch_size
     image = _to_model(aligned.crop, device)
-    with torch.no_grad():
-        z0 = backend.encode_image(image).float()
+    shape = msi.latent_shape_of(image)
     face_crop = face_crop_for(options.crop, recognizer, aligned.crop)
     guidance = IdentityGuidance(decode=backend.decode_latent, recognizer=recognizer, crop=face_crop,
-                                source_embedding=reference_embedding(recognizer, face_crop, image), mode=options.task)
-
-    def guided():
-        guidance.energy(z0.detach().requires_grad_(True))
-
-    with torch.enable_grad():
-        per_face = max(msi.face_activation_bytes(backend, z0, options.msi), batch * saved_activation_bytes(guided))
+                                source_embedding=face_embeddings(recognizer, face_crop, image), mode=options.task)
+    with normal_tensors(grad=True):  # measured with autograd on, also when called inside inference mode
+        x0 = torch.zeros(shape, device=device, requires_grad=True)  # activation sizes depend on shapes only
+        guided = saved_activation_bytes(lambda: guidance.energy(x0))
+    per_face = max(msi.face_activation_bytes(backend, shape, options.msi), batch * guided)
     free = backend_free_bytes(backend)
     return faces_that_fit(count, per_face, free)
 
@@ -467,11 +467,14 @@ def faces_still_detected(results: torch.Tensor, verifiers: Sequence[Verifier]) -
 RECOVER_FACES_PER_BATCH = 8
 
 
-def recover_faces(backend: DiffusionBackend, keys: Sequence[PrivacyKeys],
-                  cancel: Callable[[], None] | None = None) -> list[torch.Tensor]:
+def recover_faces(backend: DiffusionBackend, keys: Sequence[PrivacyKeys], cancel: Callable[[], None] | None = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> list[torch.Tensor]:
     """The original aligned faces, one [S,S,3] in [0,1] per key set (same checkpoint required): faces whose
-    keys share the DDIM step count and latent size run in batches of up to :data:`RECOVER_FACES_PER_BATCH`
-    (face i with its own key-E and key-I; equal to recovering it alone, to floating-point tolerance).
+    keys share the DDIM step count and latent size are regenerated in batches of up to
+    :data:`RECOVER_FACES_PER_BATCH` through the UNet (face i with its own key-E and key-I; equal to recovering
+    it alone, to floating-point tolerance), then decoded one face at a time (a decoder's activations at 512 px
+    are the larger cost, and inference needs no batch for speed there). ``progress(done, total)`` after each
+    batch.
 
     Raises:
         KeyMismatchError: keys of another base model.
@@ -483,6 +486,7 @@ def recover_faces(backend: DiffusionBackend, keys: Sequence[PrivacyKeys],
     for i, face_keys in enumerate(keys):
         groups.setdefault((face_keys.metadata.ddim_steps, tuple(face_keys.z_T.shape[1:])), []).append(i)
     out: list[Optional[torch.Tensor]] = [None] * len(keys)
+    done = 0
     with torch.no_grad():
         for (steps, _), members in groups.items():
             for first in range(0, len(members), RECOVER_FACES_PER_BATCH):
@@ -490,8 +494,11 @@ def recover_faces(backend: DiffusionBackend, keys: Sequence[PrivacyKeys],
                 z_T = torch.cat([keys[i].z_T[:1] for i in part]).to(backend.device)  # a key set holds one face
                 conds = torch.stack([sampling.stack_stage_conds(keys[i].stage_conds) for i in part])
                 z0 = sampling.recover_latent(backend, z_T, conds.to(backend.device), steps, cancel=cancel)
-                for i, crop in zip(part, _to_photo(backend.decode_latent(z0))):
-                    out[i] = crop
+                for row, i in enumerate(part):
+                    out[i] = _to_photo(backend.decode_latent(z0[row : row + 1]))[0]
+                done += len(part)
+                if progress is not None:
+                    progress(done, len(keys))
     return out
 
 
@@ -536,12 +543,11 @@ def recover_photo(backend: DiffusionBackend, keys: PhotoKeys, protected: torch.T
     out = photo.unsqueeze(0).clone()
     if progress is not None:
         progress("recover", 0, len(keys.faces))
-    crops = recover_faces(backend, keys.faces, cancel=cancel)
+    crops = recover_faces(backend, keys.faces, cancel=cancel,
+                          progress=None if progress is None else (lambda done, total: progress("recover", done, total)))
     for crop, geometry in zip(crops, keys.geometry):
         aligned = faces.AlignedFace(crop=crop, matrix=np.asarray(geometry.matrix, dtype=np.float64),
                                     source_size=geometry.photo_size, size=geometry.crop_size,
                                     quad=np.asarray(geometry.quad, dtype=np.float64))
         out = faces.paste_into(out, crop.unsqueeze(0), aligned)
-    if progress is not None:
-        progress("recover", len(keys.faces), len(keys.faces))
     return RecoveredPhoto(out[0], torch.stack(crops))

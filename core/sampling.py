@@ -170,6 +170,7 @@ def make_backend_denoiser(
         raise ValueError(f"null conditioning must have shape [1, {conds.shape[2]}, {conds.shape[3]}], "
                          f"got {tuple(null_cond.shape)}")
     cache: dict = {}
+    bases: dict = {}
     t_vectors: dict = {}
 
     def cond_for(stage: int | None, device: torch.device) -> torch.Tensor:
@@ -183,8 +184,10 @@ def make_backend_denoiser(
                 c = null_cond.to(device)
                 c = (as_normal(c) if needs_normal else c).expand(batch_size, -1, -1)
             else:
-                c = conds.to(device)
-                c = stage_cond_rows(as_normal(c) if needs_normal else c, stage, batch_size)
+                if (device, needs_normal) not in bases:  # every face's conditionings moved (and cloned) once
+                    base = conds.to(device)
+                    bases[(device, needs_normal)] = as_normal(base) if needs_normal else base
+                c = stage_cond_rows(bases[(device, needs_normal)], stage, batch_size)
             cache[key] = c
         return cache[key]
 

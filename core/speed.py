@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -83,10 +84,18 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> int:
 
     Every tensor autograd saves is counted once per storage and then dropped at once (the pack hook keeps
     nothing), so the probe itself needs only inference-sized memory; ``fn``'s graph cannot be backpropagated.
-    Module parameters (``nn.Parameter``) are not counted: they exist anyway.
+    Module parameters (``nn.Parameter``) are not counted: they exist anyway. A storage is known by its address
+    only while a saved tensor on it is alive: once they are gone the allocator may hand the address to a new
+    tensor, which is then counted as the new storage it is (a storage saved again after its saved tensors died
+    is counted twice: an overestimate, the safe side).
     """
-    seen: set[int] = set()
+    live: dict[int, int] = {}  # storage address → saved tensors on it still alive
     total = 0
+
+    def release(key: int) -> None:
+        live[key] -= 1
+        if not live[key]:
+            del live[key]
 
     def pack(t: torch.Tensor):
         nonlocal total
@@ -94,9 +103,11 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> int:
             return None
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if key not in seen:
-            seen.add(key)
+        if key not in live:
+            live[key] = 0
             total += storage.nbytes()
+        live[key] += 1
+        weakref.finalize(t, release, key)
         return None
 
     def unpack(_):
@@ -144,15 +155,18 @@ def faces_that_fit(count: int, bytes_per_face: int, free_bytes: int,
                    headroom: float = CHECKPOINTING_HEADROOM) -> tuple[int, str]:
     """How many of ``count`` faces to run in one batch, and why: the most whose activations
     (``bytes_per_face`` each, measured) fit ``headroom`` times into ``free_bytes``, at least 1 and at most
-    ``count``. Unknown free memory (0) gives 1.
+    ``count``. Unknown free memory (0) or a measurement of 0 bytes (no autograd ran: e.g. inside inference
+    mode) gives 1, the choice that needs least memory.
 
     Raises:
         ValueError: for count < 1 or negative byte counts.
     """
     if count < 1 or bytes_per_face < 0 or free_bytes < 0:
         raise ValueError(f"need count ≥ 1 and byte counts ≥ 0, got {count}, {bytes_per_face}, {free_bytes}")
-    fit = count if bytes_per_face == 0 else int(free_bytes // (bytes_per_face * headroom))
-    chosen = max(1, min(count, fit))
+    if bytes_per_face == 0 or free_bytes == 0:
+        unknown = "free memory" if free_bytes == 0 else "activations per face (nothing was measured)"
+        return 1, f"one at a time: {unknown} unknown"
+    chosen = max(1, min(count, int(free_bytes // (bytes_per_face * headroom))))
     mib = 1024 * 1024
     return chosen, (f"auto: {bytes_per_face / mib:.0f} MiB of activations per face × {headroom:g} against "
                     f"{free_bytes / mib:.0f} MiB free")

@@ -57,7 +57,7 @@ FALLBACKS = ("fail", "blur", "fill")
 
 # Bound by load_runtime() after the arguments are parsed, so that --help and usage errors stay fast.
 torch = keyfile = load_photo = save_photo = ClipVisionEncoder = DiffusersBackend = DiffPrivacyError = None
-MSIOptions = ProtectOptions = protect_photo = recover_face = recover_photo = load_recognizer = None
+MSIOptions = ProtectOptions = protect_photo = recover_faces = recover_photo = load_recognizer = None
 FaceSelection = tqdm = None
 FaceCrop = RecognizerVerifier = load_sface = check_sd1_checkpoint = read_tensor_shapes = WrongPassphraseError = None
 
@@ -83,7 +83,7 @@ def check_requirements() -> None:
 def load_runtime() -> None:
     """Import torch, the core and its diffusers backend (after :func:`check_requirements`)."""
     global torch, keyfile, load_photo, save_photo, ClipVisionEncoder, DiffusersBackend, DiffPrivacyError
-    global MSIOptions, ProtectOptions, protect_photo, recover_face, recover_photo, load_recognizer
+    global MSIOptions, ProtectOptions, protect_photo, recover_faces, recover_photo, load_recognizer
     global FaceSelection, tqdm
     global FaceCrop, RecognizerVerifier, load_sface
     global check_sd1_checkpoint, read_tensor_shapes, WrongPassphraseError
@@ -96,7 +96,7 @@ def load_runtime() -> None:
     from core.errors import DiffPrivacyError, WrongPassphraseError
     from core.msi import MSIOptions
     from core.photo_io import load_photo, save_photo
-    from core.pipeline import ProtectOptions, protect_photo, recover_face, recover_photo
+    from core.pipeline import ProtectOptions, protect_photo, recover_faces, recover_photo
     from core.selection import FaceSelection
     from tqdm import tqdm
     from core.recognizers import FaceCrop, load_recognizer
@@ -461,9 +461,9 @@ def recover(args) -> int:
     backend = backend_from(args)
     out = Path(args.out)
     if protected is None:  # the aligned face crops (all an older single-face key file can give)
-        for i, face_keys in enumerate(keys.faces):
+        for i, crop in enumerate(recover_faces(backend, keys.faces)):  # every face in one batch
             path = out if len(keys.faces) == 1 else out.with_name(f"{out.stem}_face{i + 1}{out.suffix}")
-            save_photo(path, recover_face(backend, face_keys))
+            save_photo(path, crop)
             print(f"wrote {path}")
         return 0
     result = recover_photo(backend, keys, protected)
