@@ -364,3 +364,53 @@ class ClipVisionEncoder:
         [B,3,224,224] → tuple of num_layers+1 tensors [B,257,width] in the model dtype."""
         out = self.model(pixel_values=pixel_values.to(self.device, self.dtype), output_hidden_states=True)
         return out.hidden_states
+
+
+# ------------------------------------------------------------------------------------ guidance decoder
+class TinyGuidanceDecoder:
+    """TAESD's decoder (madebyollin's tiny autoencoder for SD1, ~1.2 M parameters) as the *guidance* decoder:
+    scaled latent [B,4,h,w] → image [B,3,8h,8w] in ≈[−1,1], float32, differentiable, unclamped — the
+    contract of :meth:`DiffusionBackend.decode_latent`, so :class:`core.energies.IdentityGuidance` can take its
+    gradient through it instead of through the checkpoint's VAE (issue 11: TAESD's decode forward + backward
+    costs ~15× less than the full VAE's at batch 4 on an H200). Only the guidance gradient uses it: the results
+    are decoded, judged by the identity gate and written through the checkpoint's VAE.
+
+    An SD1 TAESD is trained to decode *scaled* latents directly (ComfyUI reads it with vae_scale = 0.18215 and
+    shift 0 on unscaled latents, which is the same), so the scaled latent goes in unchanged.
+    """
+
+    name = "taesd"
+
+    def __init__(self, decoder: nn.Module, device, dtype: torch.dtype = torch.float32):
+        self.decoder = decoder
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32
+                  ) -> "TinyGuidanceDecoder":
+        """Read a TAESD decoder file: ComfyUI's ``models/vae_approx/taesd_decoder.safetensors`` (or ``.pth``; the
+        layout of madebyollin/taesd: ``1.weight`` … with a parameter-free Clamp at index 0) or a diffusers
+        ``AutoencoderTiny`` file (``decoder.layers.*``; its encoder tensors are ignored).
+
+        Raises:
+            WeightsNotFoundError: no such file. IncompatibleWeightsError: a damaged file, or tensors that are not
+                an SD1 TAESD decoder (4 latent channels, 64 wide).
+        """
+        from diffusers import AutoencoderTiny
+
+        what = "TAESD decoder (guidance decoder)"
+        sd = read_state_dict(path, what=what)
+        if any(k.startswith("decoder.layers.") for k in sd):
+            sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+        else:
+            sd = taesd_to_diffusers({f"taesd_decoder.{k}": v for k, v in sd.items()})  # → decoder.layers.*
+        with torch.device("meta"):
+            decoder = AutoencoderTiny(latent_channels=4).decoder  # SD1 TAESD: 4 latent channels, 64 wide
+        nn.Module.to(decoder, dtype=dtype)
+        decoder = decoder.to_empty(device=device)
+        _load_module(decoder, {k[len("decoder."):]: v for k, v in sd.items()}, f"{what} '{os.fspath(path)}'")
+        return cls(decoder.requires_grad_(False).eval(), device, dtype)
+
+    def __call__(self, z_scaled: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z_scaled.to(self.device, self.dtype)).float()

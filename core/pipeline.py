@@ -166,6 +166,16 @@ def _to_photo(images: torch.Tensor) -> torch.Tensor:
 
 
 Progress = Callable[[str, int, int], None]
+#: scaled latent [B,4,h,w] → image [B,3,H,W] in ≈[−1,1], differentiable (DiffusionBackend.decode_latent's contract)
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+#: the report's name of the guidance decoder when none is given
+CHECKPOINT_VAE = "checkpoint VAE"
+
+
+def guidance_decoder_name(decoder: Optional[Decoder]) -> str:
+    """What decoded x̂₀ for the guidance gradient, for the privacy report: "checkpoint VAE", or the decoder's
+    ``name`` (e.g. "taesd"; "custom" when it has none)."""
+    return CHECKPOINT_VAE if decoder is None else str(getattr(decoder, "name", "custom"))
 
 
 @dataclass
@@ -251,7 +261,7 @@ def protect_faces(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned
                   options: ProtectOptions, *, numbers: Optional[Sequence[int]] = None,
                   boxes: Optional[Sequence[Optional[tuple[float, float, float, float]]]] = None,
                   verifiers: Sequence[Verifier] = (), vision: Optional[VisionEncoder] = None,
-                  progress: Optional[Progress] = None,
+                  guidance_decoder: Optional[Decoder] = None, progress: Optional[Progress] = None,
                   cancel: Callable[[], None] | None = None) -> list[ProtectedFace]:
     """The full method on N aligned faces at once, every face in one batch through the UNet and VAE: MSI (N
     independent fits, :func:`core.msi.train_msi_faces`), key-I inversion (face i with its own key-E), guided
@@ -261,6 +271,9 @@ def protect_faces(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned
 
     ``progress(stage, step, total)`` with stage "msi", "inversion" or "sampling". ``numbers`` (default 1…N) and
     ``boxes`` (default: the bounding box of each aligned square) identify the faces in their photo.
+    ``guidance_decoder`` (default: the backend's VAE) decodes x̂₀ for the guidance gradient only, e.g. a
+    :class:`core.diffusers_backend.TinyGuidanceDecoder`; the results are decoded, gated and returned through the
+    backend's VAE whatever it is.
 
     Raises:
         ProtectionFailedError: the gate failed for some face (the message names it); nothing is returned.
@@ -285,8 +298,8 @@ def protect_faces(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned
     crops = [face_crop_for(options.crop, recognizer, face.crop) for face in aligned]
     # one crop for every face, or ("detect") each face's own box for its samples
     face_crop = crops[0] if all(c == crops[0] for c in crops) else FaceCrops(tuple(crops))
-    guidance = IdentityGuidance(decode=backend.decode_latent, recognizer=recognizer, crop=face_crop,
-                                source_embedding=face_embeddings(recognizer, face_crop, images), mode=task,
+    guidance = IdentityGuidance(decode=guidance_decoder or backend.decode_latent, recognizer=recognizer,
+                                crop=face_crop, source_embedding=face_embeddings(recognizer, face_crop, images), mode=task,
                                 step_size=StepSizeSchedule.preset(task).scaled(options.step_scale), faces=n)
     background = None
     if options.keep_background and task == "anonymize":
@@ -327,7 +340,8 @@ def protect_faces(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned
 
 
 def faces_per_batch(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned: faces.AlignedFace,
-                    options: ProtectOptions, count: int) -> tuple[int, str]:
+                    options: ProtectOptions, count: int,
+                    guidance_decoder: Optional[Decoder] = None) -> tuple[int, str]:
     """How many of ``count`` faces :func:`protect_photo` puts in one batch, and why.
 
     ``options.faces_per_batch`` when set; else measured
@@ -346,8 +360,9 @@ def faces_per_batch(backend: DiffusionBackend, recognizer: FaceRecognizer, align
     image = _to_model(aligned.crop, device)
     shape = msi.latent_shape_of(image)
     face_crop = face_crop_for(options.crop, recognizer, aligned.crop)
-    guidance = IdentityGuidance(decode=backend.decode_latent, recognizer=recognizer, crop=face_crop,
-                                source_embedding=face_embeddings(recognizer, face_crop, image), mode=options.task)
+    guidance = IdentityGuidance(decode=guidance_decoder or backend.decode_latent, recognizer=recognizer,
+                                crop=face_crop, source_embedding=face_embeddings(recognizer, face_crop, image),
+                                mode=options.task)
     with normal_tensors(grad=True):  # measured with autograd on, also when called inside inference mode
         x0 = torch.zeros(shape, device=device, requires_grad=True)  # activation sizes depend on shapes only
         guided = saved_activation_bytes(lambda: guidance.energy(x0))
@@ -360,13 +375,14 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
                   options: ProtectOptions = ProtectOptions(), *, selection: FaceSelection = FaceSelection(),
                   reference: Optional[torch.Tensor] = None, plan: Optional[FacePlan] = None,
                   verifiers: Sequence[Verifier] = (), vision: Optional[VisionEncoder] = None,
-                  progress: Optional[Progress] = None,
+                  guidance_decoder: Optional[Decoder] = None, progress: Optional[Progress] = None,
                   cancel: Callable[[], None] | None = None) -> ProtectedPhoto:
     """Anonymize (or hide) every selected face of ``photo`` [H,W,3] in [0,1]: detection and selection
     (:func:`select_faces`, or a ``plan`` made earlier), then the faces in batches (:func:`protect_faces`; as
     many per batch as :func:`faces_per_batch` says fit into memory), then every result
     pasted into the one photo (seam colour matched, feathered); faces the method cannot process get the
-    selection's fallback. ``progress(stage, step, total)`` with stage "face 2/3: msi" (a batch of several:
+    selection's fallback. ``guidance_decoder``: see :func:`protect_faces` (the report names it).
+    ``progress(stage, step, total)`` with stage "face 2/3: msi" (a batch of several:
     "faces 1–3/5: msi"; or inversion, sampling);
     ``vision`` is needed by faithful MSI only.
 
@@ -384,7 +400,8 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
     chosen = plan.with_action("protect")
     aligned = [faces.align_face(photo, planned.detection, size=options.size) for planned in chosen]
     protected: list[ProtectedFace] = []
-    group, why = faces_per_batch(backend, recognizer, aligned[0], options, len(chosen)) if chosen else (0, "no face")
+    group, why = (faces_per_batch(backend, recognizer, aligned[0], options, len(chosen), guidance_decoder)
+                  if chosen else (0, "no face"))
     for first in range(0, len(chosen), max(group, 1)):
         part = slice(first, first + group)
         label = faces_label(first + 1, len(aligned[part]), len(chosen))
@@ -392,7 +409,8 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
                                                         progress(f"{label}: {stage}", step, total))
         protected += protect_faces(backend, recognizer, aligned[part], options,
                                    numbers=[p.number for p in chosen[part]], boxes=[p.box for p in chosen[part]],
-                                   verifiers=verifiers, vision=vision, progress=group_progress, cancel=cancel)
+                                   verifiers=verifiers, vision=vision, guidance_decoder=guidance_decoder,
+                                   progress=group_progress, cancel=cancel)
     photos, changed = compose_photo(photo, [(f.aligned, f.crops) for f in protected],
                                     fallback_alignments(photo, plan), fallback_kind(plan),
                                     options.sampling.batch_size)
@@ -402,7 +420,8 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
     entries = [FaceEntry(f.number, f.box, f.scores, f.face_detected) for f in protected]
     entries += [FaceEntry(p.number, p.box, [], [], action=p.action, reason=p.reason)
                 for p in plan.faces if p.action != "protect"]
-    settings = {**settings_dict(options), "faces_in_one_batch": group, "faces_in_one_batch_reason": why}
+    settings = {**settings_dict(options), "faces_in_one_batch": group, "faces_in_one_batch_reason": why,
+                "guidance_decoder": guidance_decoder_name(guidance_decoder)}
     report = PrivacyReport(
         task=options.task, preset=options.label, settings=settings,
         model={"unet": backend.model_fingerprint(), "text_encoder": backend.text_encoder_fingerprint()},

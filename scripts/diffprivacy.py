@@ -58,6 +58,7 @@ FALLBACKS = ("fail", "blur", "fill")
 # Bound by load_runtime() after the arguments are parsed, so that --help and usage errors stay fast.
 torch = keyfile = load_photo = save_photo = ClipVisionEncoder = DiffusersBackend = DiffPrivacyError = None
 MSIOptions = ProtectOptions = protect_photo = recover_faces = recover_photo = load_recognizer = None
+TinyGuidanceDecoder = None
 FaceSelection = tqdm = None
 FaceCrop = RecognizerVerifier = load_sface = check_sd1_checkpoint = read_tensor_shapes = WrongPassphraseError = None
 
@@ -84,7 +85,7 @@ def load_runtime() -> None:
     """Import torch, the core and its diffusers backend (after :func:`check_requirements`)."""
     global torch, keyfile, load_photo, save_photo, ClipVisionEncoder, DiffusersBackend, DiffPrivacyError
     global MSIOptions, ProtectOptions, protect_photo, recover_faces, recover_photo, load_recognizer
-    global FaceSelection, tqdm
+    global FaceSelection, tqdm, TinyGuidanceDecoder
     global FaceCrop, RecognizerVerifier, load_sface
     global check_sd1_checkpoint, read_tensor_shapes, WrongPassphraseError
     import torch
@@ -92,7 +93,7 @@ def load_runtime() -> None:
     _core_on_path()
     from core import keyfile
     from core.checkpoint import check_sd1_checkpoint
-    from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend
+    from core.diffusers_backend import ClipVisionEncoder, DiffusersBackend, TinyGuidanceDecoder
     from core.errors import DiffPrivacyError, WrongPassphraseError
     from core.msi import MSIOptions
     from core.photo_io import load_photo, save_photo
@@ -148,6 +149,9 @@ def argument_problem(args) -> str | None:
         problems.append(_file_problem("--recognizer", args.recognizer, "face recognizer weight file (.pt/.pth)"))
         if args.clip_vision:
             problems.append(_file_problem("--clip-vision", args.clip_vision, "CLIP ViT-L/14 vision weight file"))
+        if args.guidance_decoder:
+            problems.append(_file_problem("--guidance-decoder", args.guidance_decoder,
+                                          "TAESD decoder file (ComfyUI's models/vae_approx/taesd_decoder.safetensors)"))
         for spec in args.verify or []:
             if not Path(spec).exists():
                 problems.append(f"--verify '{spec}': no such file or folder. Give an SFace/YuNet folder or a "
@@ -377,14 +381,14 @@ def protect_one(job: PhotoJob, models: tuple, options, selection, reference, sec
         DiffPrivacyError: the photo cannot be used, a face cannot be processed, or the gate failed.
         KeyFileExistsError: a key file of that name exists without the photo's report (an interrupted run).
     """
-    backend, recognizer, verifiers, vision = models
+    backend, recognizer, verifiers, vision, guidance_decoder = models
     if job.keys.exists():
         raise keyfile.KeyFileExistsError(
             17, f"the key file '{job.keys}' exists but the photo's report does not (an interrupted run?); key "
                 f"files are never replaced: move it away to protect this photo again", str(job.keys))
     photo = load_photo(job.source)
     result = protect_photo(backend, recognizer, photo, options, selection=selection, reference=reference,
-                           verifiers=verifiers, vision=vision, progress=progress)
+                           verifiers=verifiers, vision=vision, guidance_decoder=guidance_decoder, progress=progress)
     job.out_dir.mkdir(parents=True, exist_ok=True)
     if result.keys is not None:  # only fallbacks (obscured faces) leave nothing to recover
         job.keys.parent.mkdir(parents=True, exist_ok=True)
@@ -428,7 +432,9 @@ def protect(args) -> int:
         recognizer = load_recognizer(args.recognizer, "auto", device=backend.device)
         verifiers = verifiers_from(args, backend.device)
         vision = ClipVisionEncoder.from_file(args.clip_vision, device=backend.device) if args.clip_vision else None
-        models = (backend, recognizer, verifiers, vision)
+        guidance_decoder = (TinyGuidanceDecoder.from_file(args.guidance_decoder, device=backend.device)
+                            if args.guidance_decoder else None)
+        models = (backend, recognizer, verifiers, vision, guidance_decoder)
         quiet = args.quiet or not sys.stderr.isatty()
         photos_bar = tqdm(todo, desc="photos", unit="photo", position=0, disable=quiet, file=sys.stderr)
         for job in photos_bar:
@@ -518,6 +524,10 @@ def parser() -> argparse.ArgumentParser:
                         "MSI timesteps 4 per step; fast = fewer MSI timesteps and half the sampling grid (every "
                         "result still passes the identity gate)")
     p.add_argument("--msi-steps", type=int)
+    p.add_argument("--guidance-decoder", metavar="FILE",
+                   help="TAESD decoder (ComfyUI's models/vae_approx/taesd_decoder.safetensors) for the guidance "
+                        "gradient only: much cheaper guided steps; results are still decoded and judged through "
+                        "the checkpoint's VAE (default: the checkpoint's VAE for both)")
     p.add_argument("--faces-per-batch", type=int,
                    help="faces of a photo run together through MSI, inversion and sampling (default: as many as "
                         "fit into free memory; 1 uses the least memory; the results are the same)")

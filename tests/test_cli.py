@@ -122,6 +122,8 @@ def _recover_args(tmp_path, **changes):
     ("protect", {"--keys": "EXISTING"}, "exists already; key files are never replaced"),
     ("protect", {"--photo": "no-such-photo.jpg"}, "--photo 'no-such-photo.jpg': no such file or folder"),
     ("protect", {"--faces-per-batch": "0"}, "--faces-per-batch 0: give a number of faces ≥ 1"),
+    ("protect", {"--guidance-decoder": "taesd_decoder.safetensors"},
+     "--guidance-decoder 'taesd_decoder.safetensors': no such file"),
     ("recover", {"--keys": "lost.dpkey"}, "--keys 'lost.dpkey': no such file"),
     ("recover", {"--out": "no/such/folder/face.png"}, "the folder 'no/such/folder' does not exist"),
     ("recover", {"--out": "FOLDER"}, "is a folder; give the file name"),

@@ -259,6 +259,25 @@ def taesd_shapes(latent_channels: int = 4, width: int = 64) -> dict[str, tuple]:
     return s
 
 
+def write_taesd_files(folder: str | os.PathLike, seed: int = 0) -> tuple[str, str]:
+    """Random-weight SD1 TAESD files in ComfyUI's ``models/vae_approx`` layout: ``taesd_encoder.safetensors`` and
+    ``taesd_decoder.safetensors`` (keys without the ``taesd_*.`` prefix, as madebyollin/taesd ships them), the
+    real architecture (4 latent channels, 64 wide). Returns (encoder path, decoder path)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(int(seed))
+    shapes = taesd_shapes()
+    paths = []
+    for part in ("encoder", "decoder"):
+        prefix = f"taesd_{part}."
+        tensors = {name[len(prefix):]: _init_value(name, shape, gen, LATENT_SCALE).contiguous()
+                   for name, shape in sorted(shapes.items()) if name.startswith(prefix)}
+        path = os.path.join(os.fspath(folder), f"taesd_{part}.safetensors")
+        save_file(tensors, path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def clip_text_shapes(num_layers: int = 12, width: int = 768, mlp: int = 3072) -> dict[str, tuple]:
     """HF ``CLIPTextModel`` names as stored in SD1 checkpoints (``text_model.*``) → shapes."""
     s: dict[str, tuple] = {"text_model.embeddings.token_embedding.weight": (TEXT_VOCAB, width),
