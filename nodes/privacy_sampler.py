@@ -14,7 +14,7 @@ from ..core.diffusion import MAX_DDIM_STEPS
 from ..core.energies import BackgroundPaste, IdentityGuidance, mask_to_latent
 from ..core.gate import check_identity_gate
 from ..core.keys import check_compatible, stage_conds_digest
-from ..core.pipeline import faces_still_detected, score_results
+from ..core.pipeline import CHECKPOINT_VAE, faces_still_detected, score_results
 from ..core.report import FaceEntry, PrivacyReport, draw_preview, outside_face_metrics, settings_dict
 from ..core.schedules import EmbeddingSchedule
 from .comfy.autograd import DifferentiableDecoder
@@ -24,7 +24,8 @@ from .comfy.sampling import run_plan_in_comfy
 from .convert import mask_batch, to_comfy_image, to_model_image
 from .embedding_scheduler import scheduled_conditioning
 from .schema import schema
-from .types import CATEGORY, GuidanceType, PrivacyEmbedsType, PrivacyReceipt, ReceiptType, VerifiersType
+from .types import (CATEGORY, GUIDANCE_VAE_NAME, GUIDANCE_VAE_TOOLTIP, GuidanceType, PrivacyEmbedsType, PrivacyReceipt,
+                    ReceiptType, VerifiersType)
 
 #: the widgets' defaults are the official anonymization settings (hide's are in workflows/hide.json)
 ANONYMIZE = sampling.SamplingOptions.preset("anonymize")
@@ -145,6 +146,7 @@ class PrivacySampler(io.ComfyNode):
                                         tooltip="key-E from MSI Invert (the one Embedding Scheduler uses): the "
                                                 "receipt then vouches for these keys, so Save Privacy Keys "
                                                 "accepts it."),
+                io.Vae.Input("guidance_vae", optional=True, tooltip=GUIDANCE_VAE_TOOLTIP),
             ],
             outputs=[
                 io.Image.Output(display_name="images",
@@ -162,10 +164,13 @@ class PrivacySampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, conditioning, guidance, steps, strength, batch_size, seed, paste_below_timestep,
-                image=None, latent=None, background_mask=None, verifiers=None, embeds=None) -> io.NodeOutput:
+                image=None, latent=None, background_mask=None, verifiers=None, embeds=None,
+                guidance_vae=None) -> io.NodeOutput:
         started = time.monotonic()
         check_model(model, NODE)
         check_vae(vae, NODE)
+        if guidance_vae is not None:
+            check_vae(guidance_vae, NODE, "guidance_vae")
         verifiers = tuple(verifiers or ())
         load_models(model)
         sources = None
@@ -184,7 +189,7 @@ class PrivacySampler(io.ComfyNode):
         options = sampling.SamplingOptions(steps=steps, strength=strength, batch_size=batch_size, seed=seed)
         # sample-major (sample b of face i at b·N + i): ComfyUI tiles the N-face conditioning the same way
         plan = sampling.faces_protection_plan(z0, options)
-        bound = bind_guidance(guidance, vae, model)
+        bound = bind_guidance(guidance, guidance_vae if guidance_vae is not None else vae, model)
         background = None
         if background_mask is not None:
             mask = mask_to_latent(mask_batch(background_mask).to(z0.device), tuple(z0.shape[-2:]))
@@ -193,9 +198,12 @@ class PrivacySampler(io.ComfyNode):
                                          below_timestep=paste_below_timestep)
         z = run_plan_in_comfy(model, conditioning, plan, seed, guidance=bound, background=background,
                               grad_through_unet=guidance.target == "xt")
-        similarities = bound.similarities(z)
         out = to_comfy_latent(model, z)
         images = decode_to_images(vae, out["samples"])
+        # the gate judges the images that are output: decoded by 'vae' (never by a guidance_vae), once
+        with torch.no_grad():
+            pixels = images.float().to(z.device).permute(0, 3, 1, 2) * 2.0 - 1.0
+            similarities = bound.image_similarities(pixels).cpu()
         if sources is None:  # a LATENT source: judge against what it decodes to
             sources = decode_to_images(vae, to_comfy_latent(model, z0)["samples"]).float().cpu()
         results = images.float().cpu()
@@ -222,7 +230,7 @@ class PrivacySampler(io.ComfyNode):
         report = PrivacyReport(
             task=guidance.mode, preset=REPORT_PRESET,
             settings=report_settings(options, guidance, paste_below_timestep, background_mask is not None, verifiers,
-                                     faces),
+                                     faces, guidance_vae is not None),
             model={"unet": fingerprint}, faces=entries, outside_faces=outside,
             seconds=time.monotonic() - started)
         receipt = PrivacyReceipt(keys_digest="" if embeds is None else stage_conds_digest(embeds.stage_conds),
@@ -233,9 +241,11 @@ class PrivacySampler(io.ComfyNode):
         return io.NodeOutput(images, out, receipt, report.summary(), preview)
 
 
-def report_settings(options, guidance, paste_below_timestep: int, background: bool, verifiers, faces: int = 1) -> dict:
+def report_settings(options, guidance, paste_below_timestep: int, background: bool, verifiers, faces: int = 1,
+                    own_guidance_vae: bool = False) -> dict:
     """The run's settings for the privacy report: numbers and names only (JSON-safe)."""
     return {"sampling": settings_dict(options), "faces": int(faces), "paste_below_timestep": int(paste_below_timestep),
+            "guidance_decoder": GUIDANCE_VAE_NAME if own_guidance_vae else CHECKPOINT_VAE,
             "background_kept": bool(background),
             "guidance": {"mode": guidance.mode, "recognizer": guidance.recognizer.name,
                          "step_size": settings_dict(guidance.step_size), "diversity_weight": guidance.diversity_weight,

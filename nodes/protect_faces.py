@@ -21,13 +21,14 @@ from ..core.errors import InvalidImageError
 from ..core.keys import check_compatible, photo_keys_digest
 from ..core.pipeline import ProtectOptions, protect_photo, recover_photo, select_faces
 from ..core.selection import FALLBACKS, SELECTION_MODES, FaceSelection, draw_face_numbers
+from .comfy.autograd import DifferentiableDecoder
 from .comfy.backend import ComfyBackend, ComfyVisionEncoder
-from .comfy.models import model_fingerprint, release_memory, to_compute_device
+from .comfy.models import check_vae, model_fingerprint, release_memory, to_compute_device
 from .comfy.progress import check_interrupt, progress_bar
 from .convert import check_size, rgb
 from .schema import schema
-from .types import (CATEGORY, PhotoKeysBatch, PhotoKeysType, PrivacyReceipt, ReceiptType, RecognizerType,
-                    VerifiersType)
+from .types import (CATEGORY, GUIDANCE_VAE_NAME, GUIDANCE_VAE_TOOLTIP, PhotoKeysBatch, PhotoKeysType, PrivacyReceipt,
+                    ReceiptType, RecognizerType, VerifiersType)
 
 PROTECT_NODE = "Protect Faces"
 PREVIEW_NODE = "Face Selection Preview"
@@ -177,6 +178,7 @@ class ProtectFaces(io.ComfyNode):
                                     tooltip="Independent verifiers for the identity gate (Face Verifier Loader)."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="CLIP ViT-L/14 vision: the paper's faithful MSI (else lite)."),
+                io.Vae.Input("guidance_vae", optional=True, tooltip=GUIDANCE_VAE_TOOLTIP),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="batch_size protected photos per input photo."),
@@ -192,7 +194,7 @@ class ProtectFaces(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, recognizer, image, task, speed, selection, face_numbers, fallback,
                 match_threshold, size, msi_steps, inversion_steps, steps, batch_size, seed, max_identity_similarity,
-                reference=None, verifiers=None, clip_vision=None) -> io.NodeOutput:
+                reference=None, verifiers=None, clip_vision=None, guidance_vae=None) -> io.NodeOutput:
         photos = _photos(image, f"image at {PROTECT_NODE}'s 'image' input")
         choice = selection_from(PROTECT_NODE, selection, face_numbers, fallback, match_threshold)
         ref = _reference(reference, PROTECT_NODE)
@@ -219,12 +221,17 @@ class ProtectFaces(io.ComfyNode):
                 bars[stage] = progress_bar(total, f"{stage} ")
             bars[stage](step, total, None)
 
+        guidance_decoder = None
+        if guidance_vae is not None:  # the guidance gradient only; results decode through 'vae'
+            check_vae(guidance_vae, PROTECT_NODE, "guidance_vae")
+            guidance_decoder = DifferentiableDecoder(guidance_vae, model)
+            guidance_decoder.name = GUIDANCE_VAE_NAME
         results = []
         with normal_tensors():
             for photo, plan in zip(photos, plans):
                 results.append(protect_photo(backend, recognizer, photo, options, selection=choice, plan=plan,
-                                             verifiers=verifiers, vision=vision, progress=progress,
-                                             cancel=check_interrupt))
+                                             verifiers=verifiers, vision=vision, guidance_decoder=guidance_decoder,
+                                             progress=progress, cancel=check_interrupt))
         keys = PhotoKeysBatch(tuple(r.keys for r in results if r.keys is not None))
         reports = tuple(r.report for r in results)
         receipt = PrivacyReceipt(keys_digest=batch_digest(keys), model_fingerprint=model_fingerprint(model),

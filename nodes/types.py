@@ -120,3 +120,10 @@ class PhotoKeysBatch:
     """Protect Faces' keys: one whole-photo key set per photo of the batch (secret), in batch order."""
 
     photos: tuple[PhotoKeys, ...]
+
+
+#: the report's name of a VAE connected to 'guidance_vae' (ComfyUI does not say which file a VAE came from)
+GUIDANCE_VAE_NAME = "the VAE at 'guidance_vae'"
+GUIDANCE_VAE_TOOLTIP = ("Optional: a small VAE for the guidance gradient only, e.g. Load VAE → taesd (TAESD files in "
+                        "models/vae_approx): guided steps cost far less. The results are still decoded, judged by "
+                        "the identity gate and output through 'vae'. Must be an SD 1.x VAE (not taesdxl).")

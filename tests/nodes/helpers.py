@@ -299,3 +299,16 @@ def assert_every_face_changed_and_nothing_else(images, photo, faces_expected: in
             inside = mask == 1
             assert (image[inside] - photo[inside]).abs().mean() > 0.02, f"face {number} unchanged"
     return plan, union
+
+
+def offer_taesd(monkeypatch, folder) -> None:
+    """Random-weight SD1 TAESD files in ``folder``, offered to ComfyUI as its models/vae_approx for one test (Load
+    VAE then lists "taesd"); the folder map and the file-list cache are restored afterwards."""
+    import folder_paths
+
+    from tests.support import tiny_diffusers as td
+
+    td.write_taesd_files(folder, seed=9)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "vae_approx",
+                        ([str(folder)], folder_paths.folder_names_and_paths["vae_approx"][1]))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})

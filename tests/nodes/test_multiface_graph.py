@@ -305,7 +305,7 @@ def test_msi_invert_fits_the_faces_that_memory_allows_per_batch(comfy_inprocess,
     torch.testing.assert_close(latent["samples"], key_latent["samples"], atol=1e-5, rtol=1e-4)
 
 
-def _sample(comfy, models, aligned, mask, embeds, step_scale=1.0, seed=7):
+def _sample(comfy, models, aligned, mask, embeds, step_scale=1.0, seed=7, **extra):
     """Embedding Scheduler → Identity Energy Guidance → Privacy Sampler on ``aligned`` faces with their key-E."""
     model, clip, vae, recognizer = models
     nodes_ = comfy.node_classes
@@ -316,7 +316,7 @@ def _sample(comfy, models, aligned, mask, embeds, step_scale=1.0, seed=7):
     guidance, _ = _guidance(comfy, models, aligned, step_scale)
     return _run(nodes_["DiffPrivacy_PrivacySampler"], model=model, vae=vae, conditioning=conditioning,
                 guidance=guidance, steps=SAMPLER_STEPS, strength=0.6, batch_size=BATCH, seed=seed,
-                paste_below_timestep=300, image=aligned, background_mask=mask, embeds=embeds)
+                paste_below_timestep=300, image=aligned, background_mask=mask, embeds=embeds, **extra)
 
 
 def _guidance(comfy, models, source, step_scale=1.0):
@@ -402,3 +402,44 @@ def test_save_privacy_keys_needs_the_alignment_for_several_faces(comfy_inprocess
         _run(comfy_inprocess.node_classes["DiffPrivacy_SaveKeys"], embeds=embeds, key_latent=key_latent,
              filename_prefix="mf_refused", passphrase=TEST_PASSPHRASE, allow_plaintext=False, receipt=receipt)
     assert set(os.listdir(comfy_inprocess.models.keys)) == before
+
+
+@pytest.fixture()
+def taesd_vae(comfy_inprocess, tmp_path, monkeypatch):
+    """ComfyUI's own Load VAE → "taesd" on random-weight TAESD files in a models/vae_approx folder of this test."""
+    from tests.nodes.helpers import offer_taesd
+
+    offer_taesd(monkeypatch, tmp_path)
+    loader = comfy_inprocess.node_classes["VAELoader"]
+    assert "taesd" in loader.vae_list(loader)
+    with torch.inference_mode():
+        (vae,) = loader().load_vae("taesd")
+    return vae
+
+
+def test_privacy_sampler_guides_through_the_guidance_vae_and_gates_the_vaes_images(comfy_inprocess, models,
+                                                                                   two_faces, taesd_vae):
+    """With a TAESD at 'guidance_vae' the guidance gradient goes through it (the results differ from the same seed
+    guided through 'vae'), while the images are 'vae''s decode of the latents and the gate's guiding score is the
+    recognizer on exactly those images."""
+    from core.energies import cosine_to_source
+
+    aligned, mask, (embeds, _), _ = two_faces
+    model, _, vae, recognizer = models
+    images, latent, receipt, _, _ = _sample(comfy_inprocess, models, aligned, mask, embeds, guidance_vae=taesd_vae)
+    plain, *_ = _sample(comfy_inprocess, models, aligned, mask, embeds)
+    assert (images - plain).abs().amax() > 1e-3  # the guidance went another way
+    with torch.inference_mode():
+        torch.testing.assert_close(images, vae.decode(latent["samples"]))  # output through 'vae'
+    settings = receipt.report.settings
+    assert settings["guidance_decoder"] == "the VAE at 'guidance_vae'"
+    # the gate's guiding scores: the recognizer on the output images (not on the guidance VAE's decode)
+    guidance, _ = _guidance(comfy_inprocess, models, aligned)
+    with torch.no_grad():
+        pixels = images.float().permute(0, 3, 1, 2).to(next(recognizer.parameters()).device) * 2 - 1
+        f = recognizer(guidance.crop(pixels))
+        expected = cosine_to_source(f.float(), guidance.source_embedding.to(f.device), faces=2).cpu()
+    judged = {(s.face, s.sample): s.similarity for face in receipt.report.faces for s in face.scores
+              if s.recognizer == recognizer.name}
+    for k in range(images.shape[0]):
+        assert judged[(k % 2, k // 2)] == pytest.approx(float(expected[k]), abs=1e-4)

@@ -185,3 +185,24 @@ def test_a_batch_of_photos_gives_a_key_file_per_photo(comfy_inprocess, group, mo
     history = comfy_inprocess.run(graph)
     _, images = _saved(comfy_inprocess, history, graph, "DiffPrivacy_SaveImageClean")
     assert len(images) == 3 and len(_new_keys(comfy_inprocess, before)) == 3
+
+
+def test_protect_faces_takes_a_guidance_vae(comfy_inprocess, group, monkeypatch, tmp_path):
+    """Load VAE → taesd at Protect Faces' 'guidance_vae': the run passes the gate and its report names the guidance
+    decoder (the checkpoint's VAE otherwise)."""
+    import json
+
+    from tests.nodes.helpers import offer_taesd
+
+    offer_taesd(monkeypatch, tmp_path)
+    monkeypatch.setenv(PASSPHRASE_ENV, "a long test passphrase")
+    name, _ = group
+    graph = quick_graph(comfy_inprocess, name, "quick/taesd")
+    graph["900"] = {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}
+    (node,) = [k for k, v in graph.items() if v["class_type"] == "DiffPrivacy_ProtectFaces"]
+    graph[node]["inputs"]["guidance_vae"] = ["900", 0]
+    history = comfy_inprocess.run(graph)
+    records, _ = _saved(comfy_inprocess, history, graph, "DiffPrivacy_SaveImageClean")
+    report = json.loads((comfy_inprocess.output_path(records[0]).with_suffix("")).with_suffix(".report.json")
+                        .read_text())
+    assert report["passed"] and report["settings"]["guidance_decoder"] == "the VAE at 'guidance_vae'"

@@ -24,7 +24,7 @@ FROZEN = {
     "DiffPrivacy_PrivacySampler": ("Privacy Sampler", ["model", "vae", "conditioning", "guidance", "steps",
                                                        "strength", "batch_size", "seed", "paste_below_timestep",
                                                        "image", "latent", "background_mask", "verifiers",
-                                                       "embeds"]),
+                                                       "embeds", "guidance_vae"]),
     "DiffPrivacy_FacePasteBack": ("Face Paste Back", ["faces", "alignment", "feather", "seam_colour_match"]),
     "DiffPrivacy_SaveKeys": ("Save Privacy Keys", ["embeds", "key_latent", "filename_prefix", "passphrase",
                                                    "allow_plaintext", "receipt", "alignment"]),
@@ -37,7 +37,7 @@ FROZEN = {
     "DiffPrivacy_ProtectFaces": ("Protect Faces", [
         "model", "clip", "vae", "recognizer", "image", "task", "speed", "selection", "face_numbers", "fallback",
         "match_threshold", "size", "msi_steps", "inversion_steps", "steps", "batch_size", "seed",
-        "max_identity_similarity", "reference", "verifiers", "clip_vision"]),
+        "max_identity_similarity", "reference", "verifiers", "clip_vision", "guidance_vae"]),
     "DiffPrivacy_RecoverPhoto": ("Recover Photo", ["model", "clip", "vae", "keys", "image"]),
     "DiffPrivacy_SavePhotoKeys": ("Save Photo Keys", ["keys", "filename_prefix", "passphrase", "allow_plaintext",
                                                       "receipt"]),
