@@ -263,6 +263,7 @@ class Context:
     image: torch.Tensor  # the aligned face [1,3,S,S] in [-1,1]
     photo: torch.Tensor  # the whole photo [H,W,3] in [0,1]
     results: dict
+    tiny_decoder: Any = None  # the TAESD guidance decoder, made on first use (tiny_guidance_decoder)
 
 
 def build_context(args) -> Context:
@@ -292,22 +293,38 @@ def msi_step(ctx: Context, backend, options, steps: int) -> tuple[list[float], f
                       lambda timer: msi.train_msi(backend, ctx.image, options, progress=timer))
 
 
-def guidance_for(ctx: Context, backend, task: str = "anonymize"):
+def guidance_for(ctx: Context, backend, task: str = "anonymize", decoder=None):
     from core.energies import IdentityGuidance
     from core.recognizers import FaceCrop, reference_embedding
     crop = FaceCrop.official(ctx.recognizer)
-    return IdentityGuidance(decode=backend.decode_latent, recognizer=ctx.recognizer, crop=crop,
+    return IdentityGuidance(decode=decoder or backend.decode_latent, recognizer=ctx.recognizer, crop=crop,
                             source_embedding=reference_embedding(ctx.recognizer, crop, ctx.image), mode=task)
 
 
-def guided_step(ctx: Context, backend, batch: int, steps: int) -> tuple[list[float], float]:
-    """(seconds of each guided anonymization step with ``batch`` samples, peak MiB)."""
+def tiny_guidance_decoder(ctx: Context):
+    """A TAESD guidance decoder (core.diffusers_backend.TinyGuidanceDecoder) of the real architecture with random
+    weights (tests/support/tiny_diffusers.write_taesd_files), on the benchmark's device, made once."""
+    if ctx.tiny_decoder is None:
+        import tempfile
+
+        from core.diffusers_backend import TinyGuidanceDecoder
+        from tests.support import tiny_diffusers as td
+        folder = tempfile.mkdtemp(prefix="dp-bench-taesd-")
+        _, decoder_file = td.write_taesd_files(folder, seed=0)
+        dtype = getattr(ctx.optimised, "vae_dtype", torch.float32)
+        ctx.tiny_decoder = TinyGuidanceDecoder.from_file(decoder_file, device=ctx.device, dtype=dtype)
+    return ctx.tiny_decoder
+
+
+def guided_step(ctx: Context, backend, batch: int, steps: int, decoder=None) -> tuple[list[float], float]:
+    """(seconds of each guided anonymization step with ``batch`` samples, peak MiB); ``decoder`` the guidance
+    decoder (default: the backend's VAE)."""
     from core import sampling
     from core.schedules import EmbeddingSchedule
     with torch.no_grad():
         z0 = backend.encode_image(ctx.image)
     conds = 0.3 * torch.randn(10, 77, backend.token_dim, generator=torch.Generator().manual_seed(0))
-    guidance = guidance_for(ctx, backend)
+    guidance = guidance_for(ctx, backend, decoder=decoder)
     # a 50-step grid with the strength that gives `steps` denoising steps
     options = sampling.SamplingOptions(steps=50, strength=(steps + 0.5) / 50, batch_size=batch, seed=0)
     return timed_loop(ctx.device, ctx.args.warmup, lambda timer: sampling.protect(
@@ -324,11 +341,11 @@ def inversion_step(ctx: Context, backend, steps: int) -> tuple[list[float], floa
         backend, z0, conds.to(ctx.device), steps, progress=timer))
 
 
-def gradient_step(ctx: Context, backend, batch: int, calls: int) -> tuple[list[float], float]:
+def gradient_step(ctx: Context, backend, batch: int, calls: int, decoder=None) -> tuple[list[float], float]:
     """(seconds of each guidance gradient (decode + recognizer, forward and backward) on ``batch`` latents, MiB)."""
     with torch.no_grad():
         x0 = backend.encode_image(ctx.image).expand(batch, -1, -1, -1).contiguous()
-    guidance = guidance_for(ctx, backend)
+    guidance = guidance_for(ctx, backend, decoder=decoder)
 
     def run(timer):
         for _ in range(calls):
@@ -389,6 +406,17 @@ def components(ctx: Context) -> list[dict]:
     row("decode + recognizer fwd+bwd (batch 4)", *compare(ctx, lambda: gradient_step(ctx, ctx.reference, 4, n),
                                                           lambda: gradient_step(ctx, ctx.optimised, 4, n)),
         _backend_change(ctx, vae=True))
+    # not the same math: the guidance gradient through TAESD's decoder (guidance_decoder / guidance_vae) instead
+    # of the checkpoint's VAE; results are still decoded and gated through the VAE
+    tiny = tiny_guidance_decoder(ctx)
+    row("guided step (batch 4), TAESD guidance decoder",
+        *compare(ctx, lambda: guided_step(ctx, ctx.optimised, 4, n),
+                 lambda: guided_step(ctx, ctx.optimised, 4, n, decoder=tiny)),
+        f"guidance gradient through TAESD instead of the checkpoint's {ctx.optimised.vae_kind} VAE")
+    row("decode + recognizer fwd+bwd (batch 4), TAESD",
+        *compare(ctx, lambda: gradient_step(ctx, ctx.optimised, 4, n),
+                 lambda: gradient_step(ctx, ctx.optimised, 4, n, decoder=tiny)),
+        f"TAESD's decoder instead of the checkpoint's {ctx.optimised.vae_kind} VAE")
     return rows
 
 
