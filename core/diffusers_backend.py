@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .autograd import normal_tensors
 from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
@@ -400,16 +401,26 @@ class TinyGuidanceDecoder:
         from diffusers import AutoencoderTiny
 
         what = "TAESD decoder (guidance decoder)"
+        source = f"{what} '{os.fspath(path)}'"
         sd = read_state_dict(path, what=what)
-        if any(k.startswith("decoder.layers.") for k in sd):
+        scale = sd.get("vae_scale")  # present in a VAE saved from ComfyUI: SD1's TAESD says 0.18215
+        if scale is not None and abs(float(scale) - LATENT_SCALE) > 1e-4:
+            raise IncompatibleWeightsError(
+                f"The {source} has vae_scale {float(scale):g}, not SD 1.x's {LATENT_SCALE} (a TAESD for another "
+                f"model, e.g. taesdxl): give SD 1.x's taesd_decoder.")
+        if any(k.startswith("decoder.layers.") for k in sd):  # diffusers' AutoencoderTiny
             sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}
-        else:
+        elif any(k.startswith("taesd_decoder.") for k in sd):  # a whole TAESD VAE as ComfyUI holds it
+            sd = taesd_to_diffusers(sd)
+        else:  # madebyollin's / ComfyUI's vae_approx file
             sd = taesd_to_diffusers({f"taesd_decoder.{k}": v for k, v in sd.items()})  # → decoder.layers.*
-        with torch.device("meta"):
-            decoder = AutoencoderTiny(latent_channels=4).decoder  # SD1 TAESD: 4 latent channels, 64 wide
-        nn.Module.to(decoder, dtype=dtype)
-        decoder = decoder.to_empty(device=device)
-        _load_module(decoder, {k[len("decoder."):]: v for k, v in sd.items()}, f"{what} '{os.fspath(path)}'")
+        sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+        with normal_tensors():  # weights autograd can save, also when called inside inference mode
+            with torch.device("meta"):
+                decoder = AutoencoderTiny(latent_channels=4).decoder  # SD1 TAESD: 4 latent channels, 64 wide
+            nn.Module.to(decoder, dtype=dtype)
+            decoder = decoder.to_empty(device=device)
+            _load_module(decoder, {k[len("decoder."):]: v for k, v in sd.items()}, source)
         return cls(decoder.requires_grad_(False).eval(), device, dtype)
 
     def __call__(self, z_scaled: torch.Tensor) -> torch.Tensor:

@@ -266,8 +266,10 @@ def protect_faces(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned
     """The full method on N aligned faces at once, every face in one batch through the UNet and VAE: MSI (N
     independent fits, :func:`core.msi.train_msi_faces`), key-I inversion (face i with its own key-E), guided
     sampling of N·B samples in sample-major order, each face conditioned and guided by its own key-E and source
-    embedding (:func:`core.sampling.protect`), one decode, then the identity gate per face (guiding recognizer
-    and every verifier). Each face's result equals what it gets alone (to floating-point tolerance; tested).
+    embedding (:func:`core.sampling.protect`), one decode per face (its B samples, clamped to [0, 1]) and the seam
+    colour match, then the identity gate per face (guiding recognizer and every verifier) on exactly those crops,
+    which are what is pasted and output. Each face's result equals what it gets alone (to floating-point
+    tolerance; tested).
 
     ``progress(stage, step, total)`` with stage "msi", "inversion" or "sampling". ``numbers`` (default 1…N) and
     ``boxes`` (default: the bounding box of each aligned square) identify the faces in their photo.
@@ -298,7 +300,8 @@ def protect_faces(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned
     crops = [face_crop_for(options.crop, recognizer, face.crop) for face in aligned]
     # one crop for every face, or ("detect") each face's own box for its samples
     face_crop = crops[0] if all(c == crops[0] for c in crops) else FaceCrops(tuple(crops))
-    guidance = IdentityGuidance(decode=guidance_decoder or backend.decode_latent, recognizer=recognizer,
+    decode = guidance_decoder if guidance_decoder is not None else backend.decode_latent
+    guidance = IdentityGuidance(decode=decode, recognizer=recognizer,
                                 crop=face_crop, source_embedding=face_embeddings(recognizer, face_crop, images), mode=task,
                                 step_size=StepSizeSchedule.preset(task).scaled(options.step_scale), faces=n)
     background = None
@@ -310,21 +313,24 @@ def protect_faces(backend: DiffusionBackend, recognizer: FaceRecognizer, aligned
                                schedule=EmbeddingSchedule.preset(task), options=options.sampling,
                                background=background, progress=stage("sampling"), cancel=cancel)
     with torch.no_grad():
-        decoded = backend.decode_latent(latents)  # once, every face's samples: for the gate and for the output
-        similarities = guidance.image_similarities(decoded).detach().cpu()
-        results = _to_photo(decoded)
+        # decoded once, face by face (B samples at a time, as one face alone needs), seam colour matched: these
+        # crops are what is pasted and output, and exactly what the gate judges
+        per_face = []
+        for i, face in enumerate(aligned):
+            crops = _to_photo(backend.decode_latent(sampling.face_samples(latents, n, i)))
+            per_face.append(faces.match_seam_colour(crops, face.crop) if options.seam_colour_match else crops)
+        results = torch.stack(per_face, dim=1).reshape(-1, *per_face[0].shape[1:])  # sample-major [N·B,S,S,3]
+        pixels = (results.permute(0, 3, 1, 2) * 2.0 - 1.0).to(z0.device)
+        similarities = guidance.image_similarities(pixels).detach().cpu()
     scores = []
     for i, face in enumerate(aligned):  # fail closed: any face's failing score fails them all
         scores.append(score_results(task, (recognizer.name, sampling.face_samples(similarities, n, i)), face.crop,
-                                    sampling.face_samples(results, n, i), verifiers,
-                                    options.max_identity_similarity, face=numbers[i]))
+                                    per_face[i], verifiers, options.max_identity_similarity, face=numbers[i]))
     check_identity_gate([s for face_scores in scores for s in face_scores])
     fingerprint = backend.model_fingerprint()
     protected = []
     for i, face in enumerate(aligned):
-        crops = sampling.face_samples(results, n, i)
-        if options.seam_colour_match:
-            crops = faces.match_seam_colour(crops, face.crop)
+        crops = per_face[i]
         keys = PrivacyKeys(fits[i].stage_tokens.detach().cpu(), fits[i].stage_conds.detach().cpu(),
                            z_T[i : i + 1].detach().cpu(),
                            KeyMetadata(model_fingerprint=fingerprint, ddim_steps=options.inversion_steps,
@@ -360,8 +366,9 @@ def faces_per_batch(backend: DiffusionBackend, recognizer: FaceRecognizer, align
     image = _to_model(aligned.crop, device)
     shape = msi.latent_shape_of(image)
     face_crop = face_crop_for(options.crop, recognizer, aligned.crop)
-    guidance = IdentityGuidance(decode=guidance_decoder or backend.decode_latent, recognizer=recognizer,
-                                crop=face_crop, source_embedding=face_embeddings(recognizer, face_crop, image),
+    guidance = IdentityGuidance(decode=guidance_decoder if guidance_decoder is not None else backend.decode_latent,
+                                recognizer=recognizer, crop=face_crop,
+                                source_embedding=face_embeddings(recognizer, face_crop, image),
                                 mode=options.task)
     with normal_tensors(grad=True):  # measured with autograd on, also when called inside inference mode
         x0 = torch.zeros(shape, device=device, requires_grad=True)  # activation sizes depend on shapes only

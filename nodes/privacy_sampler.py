@@ -18,8 +18,8 @@ from ..core.pipeline import CHECKPOINT_VAE, faces_still_detected, score_results
 from ..core.report import FaceEntry, PrivacyReport, draw_preview, outside_face_metrics, settings_dict
 from ..core.schedules import EmbeddingSchedule
 from .comfy.autograd import DifferentiableDecoder
-from .comfy.models import (check_model, check_vae, decode_to_images, encode_image, load_models, model_fingerprint,
-                           release_memory, to_comfy_latent, to_scaled_latent)
+from .comfy.models import (check_guidance_vae, check_model, check_vae, decode_to_images, encode_image, load_models,
+                           model_fingerprint, release_memory, to_comfy_latent, to_scaled_latent)
 from .comfy.sampling import run_plan_in_comfy
 from .convert import mask_batch, to_comfy_image, to_model_image
 from .embedding_scheduler import scheduled_conditioning
@@ -117,7 +117,7 @@ class PrivacySampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The same SD1.x MODEL used by MSI Invert."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE (encodes the source, decodes results, and "
-                                            "carries the guidance gradient)."),
+                                            "carries the guidance gradient unless 'guidance_vae' is connected)."),
                 io.Conditioning.Input("conditioning", tooltip="From Embedding Scheduler."),
                 GuidanceType.Input("guidance", tooltip="From Identity Energy Guidance."),
                 io.Int.Input("steps", default=ANONYMIZE.steps, min=2, max=MAX_DDIM_STEPS,
@@ -170,7 +170,7 @@ class PrivacySampler(io.ComfyNode):
         check_model(model, NODE)
         check_vae(vae, NODE)
         if guidance_vae is not None:
-            check_vae(guidance_vae, NODE, "guidance_vae")
+            check_guidance_vae(guidance_vae, NODE)
         verifiers = tuple(verifiers or ())
         load_models(model)
         sources = None

@@ -23,7 +23,7 @@ from ..core.pipeline import ProtectOptions, protect_photo, recover_photo, select
 from ..core.selection import FALLBACKS, SELECTION_MODES, FaceSelection, draw_face_numbers
 from .comfy.autograd import DifferentiableDecoder
 from .comfy.backend import ComfyBackend, ComfyVisionEncoder
-from .comfy.models import check_vae, model_fingerprint, release_memory, to_compute_device
+from .comfy.models import check_guidance_vae, model_fingerprint, release_memory, to_compute_device
 from .comfy.progress import check_interrupt, progress_bar
 from .convert import check_size, rgb
 from .schema import schema
@@ -195,6 +195,8 @@ class ProtectFaces(io.ComfyNode):
     def execute(cls, model, clip, vae, recognizer, image, task, speed, selection, face_numbers, fallback,
                 match_threshold, size, msi_steps, inversion_steps, steps, batch_size, seed, max_identity_similarity,
                 reference=None, verifiers=None, clip_vision=None, guidance_vae=None) -> io.NodeOutput:
+        if guidance_vae is not None:  # checked before any work
+            check_guidance_vae(guidance_vae, PROTECT_NODE)
         photos = _photos(image, f"image at {PROTECT_NODE}'s 'image' input")
         choice = selection_from(PROTECT_NODE, selection, face_numbers, fallback, match_threshold)
         ref = _reference(reference, PROTECT_NODE)
@@ -223,7 +225,6 @@ class ProtectFaces(io.ComfyNode):
 
         guidance_decoder = None
         if guidance_vae is not None:  # the guidance gradient only; results decode through 'vae'
-            check_vae(guidance_vae, PROTECT_NODE, "guidance_vae")
             guidance_decoder = DifferentiableDecoder(guidance_vae, model)
             guidance_decoder.name = GUIDANCE_VAE_NAME
         results = []

@@ -297,7 +297,7 @@ def guidance_for(ctx: Context, backend, task: str = "anonymize", decoder=None):
     from core.energies import IdentityGuidance
     from core.recognizers import FaceCrop, reference_embedding
     crop = FaceCrop.official(ctx.recognizer)
-    return IdentityGuidance(decode=decoder or backend.decode_latent, recognizer=ctx.recognizer, crop=crop,
+    return IdentityGuidance(decode=decoder if decoder is not None else backend.decode_latent, recognizer=ctx.recognizer, crop=crop,
                             source_embedding=reference_embedding(ctx.recognizer, crop, ctx.image), mode=task)
 
 

@@ -16,6 +16,7 @@ import comfy.lora
 import comfy.model_management as mm
 import comfy.model_sampling
 
+from ...core.diffusion import LATENT_SCALE
 from ...core.errors import IncompatibleWeightsError, UnsupportedModelError
 from ...core.fingerprint import unet_fingerprint
 from ...core.model_family import EDIT_CHANNELS, INPAINT_CHANNELS, TXT2IMG_CHANNELS, ModelFamily, check_supported
@@ -158,6 +159,25 @@ def check_vae(vae, node: str, input_name: str = "vae") -> None:
             f"{node}: the VAE at its '{input_name}' input makes {channels}-channel latents (an SD3/Flux-style VAE); "
             f"SD 1.x uses {SD1_LATENT_CHANNELS}. Connect the VAE of the SD 1.x checkpoint (or an SD 1.x VAE from "
             f"Load VAE).", family="unknown")
+
+
+def check_guidance_vae(vae, node: str, input_name: str = "guidance_vae") -> None:
+    """:func:`check_vae`, and for a tiny autoencoder (ComfyUI's TAESD module, which carries the latent space it
+    decodes as ``vae_scale``/``vae_shift``, set by Load VAE per model) that it is SD 1.x's: scale 0.18215,
+    shift 0 — Load VAE's "taesd", not taesdxl (0.13025), taesd3 or taef1, which also make 4-channel latents.
+
+    Raises:
+        UnsupportedModelError: naming ``node``, the input, the scale found and what to pick instead.
+    """
+    check_vae(vae, node, input_name)
+    module = vae.first_stage_model
+    scale, shift = getattr(module, "vae_scale", None), getattr(module, "vae_shift", None)
+    if isinstance(scale, torch.Tensor) and (abs(float(scale) - LATENT_SCALE) > 1e-4
+                                            or (isinstance(shift, torch.Tensor) and abs(float(shift)) > 1e-4)):
+        raise UnsupportedModelError(
+            f"{node}: the VAE at its '{input_name}' input is a tiny autoencoder for other latents (scale "
+            f"{float(scale):g}, e.g. taesdxl); SD 1.x needs 'taesd' (scale {LATENT_SCALE}). Pick 'taesd' in Load "
+            f"VAE, or leave '{input_name}' unconnected.", family="unknown")
 
 
 def check_clip(clip, node: str, input_name: str = "clip") -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from core.diffusers_backend import TinyGuidanceDecoder
 from core.errors import IncompatibleWeightsError, WeightsNotFoundError
@@ -39,6 +39,16 @@ def test_reads_comfyui_and_diffusers_layouts_and_refuses_others(taesd, tmp_path)
     save_file({**{f"decoder.{k}": v.contiguous() for k, v in tiny.decoder.state_dict().items()},
                "encoder.layers.0.weight": torch.zeros(64, 3, 3, 3)}, str(diffusers_file))
     torch.testing.assert_close(TinyGuidanceDecoder.from_file(diffusers_file)(z), image)
+    # a whole TAESD VAE as ComfyUI holds it (prefixed keys and its latent scale), built inside inference mode
+    whole = {f"taesd_decoder.{k}": v for k, v in load_file(decoder_file).items()}
+    save_file({**whole, "vae_scale": torch.tensor(0.18215)}, str(tmp_path / "taesd_vae.safetensors"))
+    with torch.inference_mode():
+        built_inside = TinyGuidanceDecoder.from_file(tmp_path / "taesd_vae.safetensors")
+    (grad_inside,) = torch.autograd.grad(built_inside(z).square().sum(), z)  # its weights can be saved for backward
+    torch.testing.assert_close(grad_inside, grad)
+    save_file({**whole, "vae_scale": torch.tensor(0.13025)}, str(tmp_path / "taesdxl_vae.safetensors"))
+    with pytest.raises(IncompatibleWeightsError, match="vae_scale 0.13025.*taesdxl"):
+        TinyGuidanceDecoder.from_file(tmp_path / "taesdxl_vae.safetensors")
     with pytest.raises(IncompatibleWeightsError, match="TAESD decoder.*taesd_encoder.safetensors"):
         TinyGuidanceDecoder.from_file(encoder_file)  # the encoder half is not a decoder
     with pytest.raises(WeightsNotFoundError):
@@ -76,6 +86,17 @@ def test_the_guidance_gradient_goes_through_the_tiny_decoder_and_the_results_thr
     plain = protect_photo(backend, recognizer, photo, _options())
     assert calls["vae"] == [2] * guided_steps + [2] and plain.report.settings["guidance_decoder"] == CHECKPOINT_VAE
     assert (with_tiny.faces[0].crops - plain.faces[0].crops).abs().amax() > 1e-3
+    # the gate's guiding scores are the recognizer on the crops that are output (decoded by the VAE, clamped, seam
+    # colour matched), not on anything the guidance decoder made
+    from core.energies import cosine_to_source
+    from core.recognizers import FaceCrop, face_embeddings
+
+    face = with_tiny.faces[0]
+    crop = FaceCrop.official(recognizer)
+    source = face_embeddings(recognizer, crop, face.aligned.crop.permute(2, 0, 1)[None] * 2 - 1)
+    with torch.no_grad():
+        output = recognizer(crop(face.crops.permute(0, 3, 1, 2) * 2 - 1))
+    torch.testing.assert_close(face.similarities, cosine_to_source(output.float(), source), atol=1e-5, rtol=0)
 
 
 def test_cli_takes_the_guidance_decoder(pipeline_files, taesd, monkeypatch, capsys, tmp_path):

@@ -443,3 +443,23 @@ def test_privacy_sampler_guides_through_the_guidance_vae_and_gates_the_vaes_imag
               if s.recognizer == recognizer.name}
     for k in range(images.shape[0]):
         assert judged[(k % 2, k // 2)] == pytest.approx(float(expected[k]), abs=1e-4)
+
+
+def test_a_tiny_autoencoder_of_another_model_is_refused_at_guidance_vae(comfy_inprocess, models, two_faces,
+                                                                        tmp_path, monkeypatch):
+    """Load VAE → taesdxl (another latent space, the same 4 channels) is refused by name before any sampling."""
+    import shutil
+
+    from core.errors import UnsupportedModelError
+    from tests.nodes.helpers import offer_taesd
+
+    offer_taesd(monkeypatch, tmp_path)
+    for part in ("encoder", "decoder"):
+        shutil.copy(tmp_path / f"taesd_{part}.safetensors", tmp_path / f"taesdxl_{part}.safetensors")
+    with torch.inference_mode():
+        (xl,) = comfy_inprocess.node_classes["VAELoader"]().load_vae("taesdxl")
+    aligned, mask, (embeds, _), _ = two_faces
+    with pytest.raises(Exception, match="'guidance_vae'.*scale 0.13025.*taesdxl") as err:
+        _sample(comfy_inprocess, models, aligned, mask, embeds, guidance_vae=xl)
+    # the pack's own class (imported by ComfyUI under the custom node's package name)
+    assert type(err.value).__name__ == UnsupportedModelError.__name__
