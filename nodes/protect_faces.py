@@ -27,7 +27,7 @@ from .comfy.models import check_guidance_vae, model_fingerprint, release_memory,
 from .comfy.progress import check_interrupt, progress_bar
 from .convert import check_size, rgb
 from .schema import schema
-from .types import (CATEGORY, GUIDANCE_VAE_NAME, GUIDANCE_VAE_TOOLTIP, PhotoKeysBatch, PhotoKeysType, PrivacyReceipt,
+from .types import (GUIDANCE_VAE_NAME, GUIDANCE_VAE_TOOLTIP, PhotoKeysBatch, PhotoKeysType, PrivacyReceipt,
                     ReceiptType, RecognizerType, VerifiersType)
 
 PROTECT_NODE = "Protect Faces"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import faces, sampling
+from core import sampling
 from core.diffusers_backend import ClipVisionEncoder
 from core.msi import MSIOptions, train_msi, train_msi_faces
 from core.pipeline import ProtectOptions, faces_label, protect_photo, recover_face, recover_faces
