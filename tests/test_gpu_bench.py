@@ -33,7 +33,8 @@ def test_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
     assert merged["device"] == "cpu" and set(parts) == {"1-components", "2-e2e", "3-faces", "4-paper"}
     rows = {row["component"]: row for row in parts["1-components"]["components"]}
     per_timestep = rows["MSI cost per timestep seen"]
-    assert per_timestep["ratio"] == round(per_timestep["optimised"] / per_timestep["reference"], 3)
+    # the ratio is of the unrounded times; recomputed from the rounded ones it may differ in the last digit
+    assert per_timestep["ratio"] == pytest.approx(per_timestep["optimised"] / per_timestep["reference"], abs=2e-3)
     assert {"inversion step (batch 1)", "guided anonymize step (batch 4)",
             "decode + recognizer fwd+bwd (batch 4)"} <= set(rows)
     assert [r["preset"] for r in parts["2-e2e"]["e2e"]] == ["fast", "default"]
