@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .autograd import normal_tensors
+from .cuda_graphs import CudaGraphSteps
 from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
@@ -121,10 +122,17 @@ class DiffusersBackend:
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_model: CLIPTextEncoder, tokenizer, *, vae_kind: str,
                  device, dtype: torch.dtype, vae_dtype: torch.dtype, fingerprint: str, text_fingerprint: str,
-                 taesd_scale: float = LATENT_SCALE, taesd_shift: float = 0.0, compile_unet: str = "off"):
+                 taesd_scale: float = LATENT_SCALE, taesd_shift: float = 0.0, compile_unet: str = "off",
+                 cuda_graphs: str = "auto"):
         self.unet, self.vae, self.text_model, self.tokenizer = unet, vae, text_model, tokenizer
-        # the UNet call of predict_eps: compiled on CUDA when asked and when it works, eager otherwise
+        # the UNet call of predict_eps: compiled on CUDA when asked and when it works, eager otherwise...
         self._unet_call = GuardedCompile(unet, device, compile_unet)
+        # ...and replayed as CUDA graphs inside each loop's scope (core/cuda_graphs.py); a compiled step
+        # ("reduce-overhead") replays graphs of its own, so the two never stack
+        self._graphs = CudaGraphSteps(self._unet_eps, device, "off" if self._unet_call.active else cuda_graphs,
+                                      weights=lambda: (*unet.parameters(), *unet.buffers()))
+        if self._unet_call.active and cuda_graphs != "off":
+            self._graphs.reason = "off: the compiled UNet step replays CUDA graphs itself"
         self.vae_kind = vae_kind
         self.device = torch.device(device)
         self.dtype, self.vae_dtype = dtype, vae_dtype
@@ -142,28 +150,32 @@ class DiffusersBackend:
     @classmethod
     def from_single_file(cls, checkpoint_path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike,
                          device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                         compile_unet: str = "off") -> "DiffusersBackend":
+                         compile_unet: str = "off", cuda_graphs: str = "auto") -> "DiffusersBackend":
         """Load an SD1.x single-file checkpoint (LDM key layout) with KL or TAESD VAE.
 
         ``dtype`` is the UNet compute dtype, ``vae_dtype`` the VAE's (default ``dtype``); the text encoder runs
         in float32 (its sizes are read off the checkpoint). ``compile_unet`` "on"/"auto" compiles the UNet step
         on CUDA (:class:`core.speed.GuardedCompile`: off with one log line where it cannot), "off" never does.
+        ``cuda_graphs`` "auto"/"on"/"off": the UNet step replayed as CUDA graphs inside each loop
+        (:class:`core.cuda_graphs.CudaGraphSteps`; CUDA only, checked against the eager step).
         """
         tokenizer = load_clip_tokenizer(tokenizer_dir)
         sd = read_state_dict(checkpoint_path, what="SD1.x checkpoint")
         return cls.from_state_dict(sd, tokenizer=tokenizer, device=device, dtype=dtype, vae_dtype=vae_dtype,
-                                   source=f"The checkpoint '{os.fspath(checkpoint_path)}'", compile_unet=compile_unet)
+                                   source=f"The checkpoint '{os.fspath(checkpoint_path)}'", compile_unet=compile_unet,
+                                   cuda_graphs=cuda_graphs)
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], *, tokenizer, device="cpu",
                         dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                        source: str = "state dict", compile_unet: str = "off") -> "DiffusersBackend":
+                        source: str = "state dict", compile_unet: str = "off",
+                        cuda_graphs: str = "auto") -> "DiffusersBackend":
         """Same as :meth:`from_single_file` for an in-memory single-file state dict.
 
         The model family is checked first (:func:`core.model_family.classify_state_dict`), then the parts: an SDXL,
         SD 2.x, inpainting … file raises UnsupportedModelError naming its family, never a missing-part message.
-        ``source`` starts the error messages (e.g. "The checkpoint 'x.safetensors'"); ``compile_unet`` as
-        :meth:`from_single_file`.
+        ``source`` starts the error messages (e.g. "The checkpoint 'x.safetensors'"); ``compile_unet`` and
+        ``cuda_graphs`` as :meth:`from_single_file`.
 
         Raises:
             UnsupportedModelError: not an SD 1.x ε-prediction text-to-image model.
@@ -213,7 +225,7 @@ class DiffusersBackend:
 
         return cls(unet, vae, text, tokenizer, vae_kind=vae_kind, device=device, dtype=dtype, vae_dtype=vae_dtype,
                    fingerprint=unet_fingerprint(unet_sd), text_fingerprint=text_encoder_fingerprint(text_sd),
-                   taesd_scale=scale, taesd_shift=shift, compile_unet=compile_unet)
+                   taesd_scale=scale, taesd_shift=shift, compile_unet=compile_unet, cuda_graphs=cuda_graphs)
 
     # ---------------------------------------------------------------- denoiser
     def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -226,9 +238,22 @@ class DiffusersBackend:
             t = t.expand(z_t.shape[0])
         if cond.shape[0] == 1 and z_t.shape[0] > 1:
             cond = cond.expand(z_t.shape[0], -1, -1)
-        out = self._unet_call(z_t.to(self.device, self.dtype), t,
-                              encoder_hidden_states=cond.to(self.device, self.dtype), return_dict=False)[0]
+        out = self._graphs(z_t.to(self.device, self.dtype), t, cond.to(self.device, self.dtype))
         return _output(out)
+
+    def _unet_eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet call itself (what a CUDA graph records): z_t [B,4,h,w], t [B] long, cond [B,77,D] on the
+        device in the compute dtype → ε̂ [B,4,h,w] in that dtype."""
+        return self._unet_call(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    def unet_graphs(self, enabled: bool = True, why: str = ""):
+        """The CUDA-graph scope of one loop (:meth:`core.cuda_graphs.CudaGraphSteps.scope`)."""
+        return self._graphs.scope(enabled, why)
+
+    @property
+    def cuda_graphs_status(self) -> str:
+        """One line: whether the UNet step replays CUDA graphs, and why (for reports and the benchmark)."""
+        return self._graphs.reason
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Toggle activation checkpointing in the UNet (memory for compute when backpropagating into cond)."""

@@ -32,6 +32,7 @@ from torch import nn
 
 from .autograd import normal_tensors
 from .backend import DiffusionBackend, VisionEncoder
+from .cuda_graphs import graph_scope
 from .diffusion import NUM_STAGES, NUM_TRAIN_TIMESTEPS, q_sample, stage_of_timestep
 from .errors import InvalidImageError
 from .keys import LATENT_CHANNELS
@@ -604,8 +605,10 @@ def train_msi_faces(backend: DiffusionBackend, images: torch.Tensor, options: MS
     view_dev = view_table.to(device)
     noise_gen = torch.Generator(device=device).manual_seed(int(seed))
     loss_buf = torch.zeros(steps, n, device=device)
-    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    # no autocast weight cache: the UNet's weights are frozen (never cached anyway), and a CUDA-graphed step
+    # (core/cuda_graphs.py) refuses a caching autocast
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype, cache_enabled=False)
+                if autocast_dtype is not None else contextlib.nullcontext())
 
     for module in modules:
         module.train()
@@ -618,7 +621,8 @@ def train_msi_faces(backend: DiffusionBackend, images: torch.Tensor, options: MS
 
         checkpointing, why, activation_bytes = (checkpointing_choice(backend, options.grad_checkpointing, probe)
                                                 if steps else (False, "no steps", 0))
-        with _gradient_checkpointing(backend, checkpointing):
+        with _gradient_checkpointing(backend, checkpointing), \
+                graph_scope(backend, enabled=not checkpointing, why="UNet gradient checkpointing is on"):
             for step in range(steps):
                 if cancel is not None:
                     cancel()

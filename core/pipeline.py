@@ -428,7 +428,9 @@ def protect_photo(backend: DiffusionBackend, recognizer: FaceRecognizer, photo: 
     entries += [FaceEntry(p.number, p.box, [], [], action=p.action, reason=p.reason)
                 for p in plan.faces if p.action != "protect"]
     settings = {**settings_dict(options), "faces_in_one_batch": group, "faces_in_one_batch_reason": why,
-                "guidance_decoder": guidance_decoder_name(guidance_decoder)}
+                "guidance_decoder": guidance_decoder_name(guidance_decoder),
+                # after the loops ran: a graph that failed its check says so here
+                "cuda_graphs": getattr(backend, "cuda_graphs_status", "off: this backend has no CUDA graphs")}
     report = PrivacyReport(
         task=options.task, preset=options.label, settings=settings,
         model={"unet": backend.model_fingerprint(), "text_encoder": backend.text_encoder_fingerprint()},

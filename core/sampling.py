@@ -18,6 +18,7 @@ import torch
 
 from .autograd import as_normal
 from .backend import DiffusionBackend
+from .cuda_graphs import graph_scope
 from .diffusion import (
     NUM_STAGES,
     NUM_TRAIN_TIMESTEPS,
@@ -389,14 +390,15 @@ def ddim_invert(
     stage_cond = {s: stage_cond_rows(conds, s, batch) for s in {stage_of_timestep(t) for t in grid}}
     t_all = torch.tensor(grid, dtype=torch.long).to(z0.device).view(-1, 1).expand(-1, batch)
     x = z0
-    for i, (t, t_next) in enumerate(zip(grid, nexts)):
-        if cancel is not None:
-            cancel()
-        eps = backend.predict_eps(x, t_all[i], stage_cond[stage_of_timestep(t)]).to(x.dtype)
-        x0 = predict_x0_from_eps(x, eps, alpha_bar(t))
-        x = ddim_step(x0, eps, alpha_bar(t_next))
-        if progress is not None:
-            progress(i + 1, num_steps, {"t": t})
+    with graph_scope(backend):
+        for i, (t, t_next) in enumerate(zip(grid, nexts)):
+            if cancel is not None:
+                cancel()
+            eps = backend.predict_eps(x, t_all[i], stage_cond[stage_of_timestep(t)]).to(x.dtype)
+            x0 = predict_x0_from_eps(x, eps, alpha_bar(t))
+            x = ddim_step(x0, eps, alpha_bar(t_next))
+            if progress is not None:
+                progress(i + 1, num_steps, {"t": t})
     return x
 
 
@@ -414,7 +416,8 @@ def recover_latent(
     batch: z_T [N,4,h,w] with their conditionings [N,10,77,D] (row i with face i's)."""
     plan = recovery_plan(z_T, num_steps)
     denoise = make_backend_denoiser(backend, EmbeddingSchedule.preset("recover"), stage_conds, None, z_T.shape[0])
-    return run_plan(denoise, plan, callback=progress_callback(progress, plan.num_steps), cancel=cancel)
+    with graph_scope(backend):
+        return run_plan(denoise, plan, callback=progress_callback(progress, plan.num_steps), cancel=cancel)
 
 
 # -------------------------------------------------------------------------------------- protection
@@ -449,5 +452,6 @@ def protect(
                          f"got {conds.shape[0]}")
     plan = faces_protection_plan(z0, options)
     denoise = make_backend_denoiser(backend, schedule, conds, null_cond, plan.x.shape[0])
-    return run_plan(denoise, plan, guidance=guidance, background=background,
-                    callback=progress_callback(progress, plan.num_steps), cancel=cancel)
+    with graph_scope(backend):
+        return run_plan(denoise, plan, guidance=guidance, background=background,
+                        callback=progress_callback(progress, plan.num_steps), cancel=cancel)

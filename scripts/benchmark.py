@@ -3,7 +3,7 @@
 
     python scripts/benchmark.py                                  # CPU, 64 px, tiny test models, 1 thread
     python scripts/benchmark.py --weights sd15 --sections components   # full-size SD1.5-shaped random weights
-    python scripts/benchmark.py --device cuda --size 512 --weights sd15 [--compile on]
+    python scripts/benchmark.py --device cuda --size 512 --weights sd15 [--compile on] [--cuda-graphs off]
     python scripts/benchmark.py --comfyui                         # also the ComfyUI bridge's own speed-ups
 
 Every loop step is timed between two progress callbacks of the loop itself (MSI, inversion and sampling report
@@ -19,8 +19,10 @@ Sections (--sections, comma-separated; default all but e2e for --weights sd15 on
   always on and no autocast; optimised: the default recipe, 4 timesteps per step, checkpointing only when
   memory needs it, bf16 autocast on CUDA), key-I inversion step, guided anonymization step (batch 4) and the
   guidance gradient alone (VAE decode + recognizer, forward and backward). Reference and optimised backends
-  are the same object on a CPU (float32, eager); on CUDA the optimised one runs bf16 weights and, with
-  --compile on, the compiled UNet step.
+  are the same object on a CPU (float32, eager); on CUDA the optimised one runs bf16 weights, the UNet step
+  replayed as CUDA graphs (--cuda-graphs, default auto) and, with --compile on, the compiled UNet step
+  instead. Where graphs are on, three more rows isolate them: MSI, inversion and guided step of the optimised
+  backend with its graphs kept off vs on.
 * e2e — one face end to end (core.pipeline.protect_photo on scikit-image's astronaut photo, the aligned face
   at --size) for each preset (paper, default, fast), with the seconds per stage.
 * batch — the optimised guided step for B = 1, 2, 4, 8 samples (--batches).
@@ -213,12 +215,13 @@ def sd15_backend(device, seed: int = 0):
         text.position_embedding.weight.mul_(0.02 * math.sqrt(768))
     tok = load_clip_tokenizer(tokenizer_dir())
     return DiffusersBackend(unet, vae, text, tok, vae_kind="kl", device=device, dtype=torch.float32,
-                            vae_dtype=torch.float32, fingerprint="random-sd15", text_fingerprint="random-clip")
+                            vae_dtype=torch.float32, fingerprint="random-sd15", text_fingerprint="random-clip",
+                            cuda_graphs="off")
 
 
-def lower_precision_twin(reference, dtype: torch.dtype, compile_setting: str):
+def lower_precision_twin(reference, dtype: torch.dtype, compile_setting: str, graphs_setting: str):
     """The optimised path's backend: the reference's very weights cast to ``dtype`` (UNet and VAE; the text
-    encoder stays float32 and is shared), with the compiled UNet step when asked."""
+    encoder stays float32 and is shared), with CUDA graphs and the compiled UNet step as asked."""
     import copy
 
     from core.diffusers_backend import DiffusersBackend
@@ -230,17 +233,18 @@ def lower_precision_twin(reference, dtype: torch.dtype, compile_setting: str):
                             fingerprint=reference.model_fingerprint(),
                             text_fingerprint=reference.text_encoder_fingerprint(),
                             taesd_scale=reference._taesd_scale, taesd_shift=reference._taesd_shift,
-                            compile_unet=compile_setting)
+                            compile_unet=compile_setting, cuda_graphs=graphs_setting)
 
 
 def tiny_backend(device):
-    """The tests' tiny SD1.5-shaped checkpoint (tests/support/tiny_diffusers.py, KL VAE) as a DiffusersBackend."""
+    """The tests' tiny SD1.5-shaped checkpoint (tests/support/tiny_diffusers.py, KL VAE) as a DiffusersBackend
+    (the reference: eager UNet steps)."""
     from core.diffusers_backend import DiffusersBackend
     from tests.support import tiny_diffusers as td
 
     CACHE.mkdir(parents=True, exist_ok=True)
     path = td.tiny_checkpoint(str(CACHE), 0, vae="kl", text_layers=2)
-    return DiffusersBackend.from_single_file(path, tokenizer_dir=tokenizer_dir(), device=device)
+    return DiffusersBackend.from_single_file(path, tokenizer_dir=tokenizer_dir(), device=device, cuda_graphs="off")
 
 
 def facenet(device):
@@ -276,8 +280,9 @@ def build_context(args) -> Context:
     fast_dtype = resolve_compute_dtype("auto", device)
     make = sd15_backend if args.weights == "sd15" else tiny_backend
     reference = make(device)
-    optimised = (reference if fast_dtype == torch.float32 and args.compile == "off"
-                 else lower_precision_twin(reference, fast_dtype, args.compile))
+    graphs = args.cuda_graphs if device.type == "cuda" else "off"
+    optimised = (reference if fast_dtype == torch.float32 and args.compile == "off" and graphs == "off"
+                 else lower_precision_twin(reference, fast_dtype, args.compile, graphs))
     photo = torch.from_numpy(data.astronaut()).float() / 255.0
     aligned = faces.align_face(photo, faces.single_face(photo), size=args.size).crop
     image = (aligned.permute(2, 0, 1).unsqueeze(0) * 2 - 1).to(device)
@@ -417,6 +422,17 @@ def components(ctx: Context) -> list[dict]:
         *compare(ctx, lambda: gradient_step(ctx, ctx.optimised, 4, n),
                  lambda: gradient_step(ctx, ctx.optimised, 4, n, decoder=tiny)),
         f"TAESD's decoder instead of the checkpoint's {ctx.optimised.vae_kind} VAE")
+    if graphs_on(ctx.optimised):  # the same backend with its graphs kept off vs on: what graphs alone give
+        n_msi = a.msi_steps + a.warmup
+        row("MSI step, CUDA graphs", *compare(ctx, graphs_kept_off(ctx, lambda: msi_step(ctx, ctx.optimised, optimised, n_msi)),
+                                              lambda: msi_step(ctx, ctx.optimised, optimised, n_msi)),
+            f"{k} timesteps' UNet forward+backward replayed as one CUDA graph (same weights and dtype)")
+        row("inversion step, CUDA graphs", *compare(ctx, graphs_kept_off(ctx, lambda: inversion_step(ctx, ctx.optimised, n)),
+                                                    lambda: inversion_step(ctx, ctx.optimised, n)),
+            "UNet forward replayed as one CUDA graph")
+        row("guided step (batch 4), CUDA graphs", *compare(ctx, graphs_kept_off(ctx, lambda: guided_step(ctx, ctx.optimised, 4, n)),
+                                                           lambda: guided_step(ctx, ctx.optimised, 4, n)),
+            "UNet forward replayed as one CUDA graph (decoder and recognizer eager)")
     return rows
 
 
@@ -430,7 +446,23 @@ def _backend_change(ctx: Context, vae: bool = False) -> str:
     what = f"{ctx.optimised.vae_dtype if vae else ctx.optimised.dtype} weights".replace("torch.", "")
     if not vae and ctx.optimised._unet_call.active:
         what += ", compiled UNet step"
+    elif not vae and graphs_on(ctx.optimised):
+        what += ", UNet step as CUDA graphs"
     return what
+
+
+def graphs_on(backend) -> bool:
+    """Whether ``backend`` replays its UNet step as CUDA graphs inside loops (core/cuda_graphs.py)."""
+    return getattr(backend, "cuda_graphs_status", "off").startswith(("auto", "on"))
+
+
+def graphs_kept_off(ctx: Context, measure: Callable[[], tuple[list[float], float]]):
+    """``measure`` with the optimised backend's CUDA graphs kept off (an enclosing scope opened disabled: the
+    loops' own scopes join it), the eager reference of the graph rows."""
+    def run():
+        with ctx.optimised.unet_graphs(enabled=False, why="the benchmark's eager reference"):
+            return measure()
+    return run
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -702,6 +734,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--comfyui", action="store_true", help="also measure the ComfyUI bridge (in-process ComfyUI)")
     ap.add_argument("--compile", choices=("off", "on", "auto"), default="off",
                     help="the optimised backend's compiled UNet step (CUDA only; off with a log line elsewhere)")
+    ap.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                    help="the optimised backend's UNet step as CUDA graphs (CUDA only; the reference never)")
     ap.add_argument("--warmup", type=int, default=2, help="loop steps dropped before timing (default 2)")
     ap.add_argument("--msi-steps", type=int, default=6, help="MSI steps timed per variant (default 6)")
     ap.add_argument("--loop-steps", type=int, default=5, help="inversion/guided steps timed per variant")
@@ -745,20 +779,23 @@ def main(argv=None) -> int:
     header = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "size": args.size, "weights": args.weights, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "warmup": args.warmup, "rounds": args.rounds, "sections": args.sections, "compile": args.compile,
+              "cuda_graphs": args.cuda_graphs,
               "plumbing": args.plumbing}
     print("benchmark " + json.dumps(header), flush=True)
     results: dict[str, Any] = {"config": header}
     started = time.perf_counter()
     if set(args.sections) & set(SECTIONS):
         ctx = build_context(args)
-        if ctx.optimised is not ctx.reference:
-            results["config"]["optimised_backend"] = {"dtype": str(ctx.optimised.dtype),
-                                                      "compile": ctx.optimised._unet_call.reason}
         for section, fn in (("components", components), ("e2e", end_to_end), ("batch", batch_scaling),
                             ("faces", faces_scaling)):
             if section in args.sections:
                 print(f"[{section}]", flush=True)
                 results[section] = fn(ctx)
+        if ctx.optimised is not ctx.reference:  # after the runs: a switch that failed on the way says so
+            results["config"]["optimised_backend"] = {"dtype": str(ctx.optimised.dtype),
+                                                      "compile": ctx.optimised._unet_call.reason,
+                                                      "cuda_graphs": ctx.optimised.cuda_graphs_status}
+            print("optimised backend " + json.dumps(results["config"]["optimised_backend"]), flush=True)
     if args.comfyui:
         print("[comfyui]", flush=True)
         results["comfyui"] = comfyui_section(args)

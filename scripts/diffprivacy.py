@@ -37,14 +37,17 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PASSPHRASE_ENV = "DIFF_PRIVACY_PASSPHRASE"
-# Choices of --task / --crop / --speed / --dtype / --compile, spelled out so that --help needs neither torch nor the core; they equal
+# Choices of --task / --crop / --speed / --dtype / --compile / --cuda-graphs, spelled out so that --help needs neither torch nor the core; they equal
 # core.energies.MODES and core.pipeline.GUIDANCE_CROPS (tests/test_cli.py checks).
 TASKS = ("anonymize", "hide")
 GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
-# likewise core.msi.SPEEDS, the names core.speed.resolve_compute_dtype takes and core.speed.COMPILE_SETTINGS
+# likewise core.msi.SPEEDS, the names core.speed.resolve_compute_dtype takes, core.speed.COMPILE_SETTINGS and
+# core.cuda_graphs.GRAPH_SETTINGS
 SPEEDS = ("paper", "default", "fast")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 COMPILE = ("auto", "on", "off")
+# core.cuda_graphs.GRAPH_SETTINGS
+CUDA_GRAPHS = ("auto", "on", "off")
 # What the CLI needs beyond the nodes' requirements.txt: the `cli` extra of pyproject.toml, mirrored by
 # requirements-cli.txt (module name -> distribution name).
 CLI_MODULES = {"diffusers": "diffusers", "transformers": "transformers", "tqdm": "tqdm"}
@@ -256,7 +259,8 @@ def check_checkpoint(path: str) -> None:
 def backend_from(args) -> DiffusersBackend:
     """The diffusers backend on --device with --dtype / --vae-dtype ("auto": bfloat16 on a CUDA device with bf16,
     float16 on older CUDA devices, float32 on a CPU; the VAE never runs in float16, whose range the SD VAE
-    decoder's activations can exceed: it gets bfloat16 where available, else float32) and --compile."""
+    decoder's activations can exceed: it gets bfloat16 where available, else float32), --compile and
+    --cuda-graphs."""
     from core.speed import resolve_compute_dtype
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -265,7 +269,8 @@ def backend_from(args) -> DiffusersBackend:
     if vae_dtype == torch.float16:
         vae_dtype = torch.bfloat16 if resolve_compute_dtype("auto", device) == torch.bfloat16 else torch.float32
     return DiffusersBackend.from_single_file(args.checkpoint, tokenizer_dir=args.tokenizer_dir, device=device,
-                                             dtype=dtype, vae_dtype=vae_dtype, compile_unet=args.compile)
+                                             dtype=dtype, vae_dtype=vae_dtype, compile_unet=args.compile,
+                                             cuda_graphs=args.cuda_graphs)
 
 
 def options_from(args, faithful: bool) -> ProtectOptions:
@@ -496,6 +501,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--compile", choices=COMPILE, default="off",
                        help="torch.compile the UNet step on CUDA (costs a minute or two the first time per shape; "
                             "off with a log line where it cannot run)")
+        p.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
+                       help="replay the UNet step as CUDA graphs inside each loop, checked against the eager step "
+                            "(auto: on a CUDA GPU with at least 6 GiB free; on: also with less; off: never)")
     p = sub.choices["protect"]
     p.add_argument("--recognizer", required=True, help="FaceNet .pt or ArcFace IR-SE50 .pth")
     p.add_argument("--verify", action="append", metavar="PATH",

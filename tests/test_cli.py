@@ -76,11 +76,12 @@ def test_cli_choices_equal_the_cores():
     from core.energies import MODES
     from core.msi import SPEEDS
     from core.pipeline import GUIDANCE_CROPS
+    from core.cuda_graphs import GRAPH_SETTINGS
     from core.speed import COMPILE_SETTINGS, resolve_compute_dtype
 
     assert cli.TASKS == MODES
     assert cli.GUIDANCE_CROPS == GUIDANCE_CROPS
-    assert cli.SPEEDS == SPEEDS and cli.COMPILE == COMPILE_SETTINGS
+    assert cli.SPEEDS == SPEEDS and cli.COMPILE == COMPILE_SETTINGS and cli.CUDA_GRAPHS == GRAPH_SETTINGS
     assert [resolve_compute_dtype(name, "cpu") for name in cli.DTYPES] == [torch.float32, torch.float32,
                                                                           torch.float16, torch.bfloat16]
 

@@ -6,6 +6,7 @@ import torch
 
 from ...core import diffusion
 from ...core.autograd import as_normal, normal_tensors
+from ...core.cuda_graphs import CudaGraphSteps
 from ...core.fingerprint import text_encoder_fingerprint
 from ...core.text_encoder import CLIPTextEncoder, PlaceholderConditioner
 from .autograd import DifferentiableDecoder, grad_ready_model, set_unet_checkpointing
@@ -83,9 +84,14 @@ class ComfyBackend:
     ε̂ = (x_σ − x̂₀)/σ. ``trainable=True`` routes UNet weights through clone wrappers so gradients reach the
     conditioning (MSI training), for calls with autograd on; calls without it (inversion) use the MODEL as
     given. The text encoder and VAE decoder are private gradient-ready copies.
+
+    Inside each loop (MSI, inversion) the step may replay as CUDA graphs (``core.cuda_graphs``; ``cuda_graphs``
+    "auto" by default, ``DP_CUDA_GRAPHS=0`` turns it off): only while every UNet weight sits on the GPU at the
+    address it was captured with (ComfyUI's low-VRAM loading keeps the step eager), against ComfyUI's own view
+    of free memory, and released when the loop ends, so ComfyUI stays free to move the model between runs.
     """
 
-    def __init__(self, model, clip, vae, *, trainable: bool = False):
+    def __init__(self, model, clip, vae, *, trainable: bool = False, cuda_graphs: str = "auto"):
         self.trainable = trainable
         self._given_model = model  # the id of the weights: the grad-ready clone's wrappers change no weight
         self.model = grad_ready_model(model) if trainable else model
@@ -106,21 +112,34 @@ class ComfyBackend:
         self._text_fingerprint = None
         self.gradient_checkpointing = False
         self._sigmas = diffusion.sigma_table().to(torch.float32).to(self.device)
+        base = self.base
+        self._graphs = CudaGraphSteps(self._eps, self.device, cuda_graphs,
+                                      weights=lambda: (*base.parameters(), *base.buffers()),
+                                      free_bytes=self.free_memory_bytes)
 
     # diffusion
     def predict_eps(self, z_t, t, cond):
         if not self.trainable:  # plain inference: stay in the caller's (inference) mode
-            return self._eps(z_t, t, cond)
+            return self._graphs(z_t, t, cond)
         if not torch.is_grad_enabled():
             # no backward follows (DDIM inversion after MSI, objective checks): the MODEL as given, without the
             # grad-ready clone's weight wrappers, so no weight is copied for the forward
             load_models(self._given_model)
-            return self._eps(z_t, t, cond)
+            return self._graphs(z_t, t, cond)
         # loading the VAE/CLIP under memory pressure can unload the UNet, which drops the weight wrappers
         # (the weights would then reach autograd as inference tensors); reloading re-applies them
         load_models(self.model)
         with normal_tensors():
-            return self._eps(z_t, t, cond)
+            return self._graphs(z_t, t, cond)
+
+    def unet_graphs(self, enabled: bool = True, why: str = ""):
+        """The CUDA-graph scope of one loop (:meth:`core.cuda_graphs.CudaGraphSteps.scope`)."""
+        return self._graphs.scope(enabled, why)
+
+    @property
+    def cuda_graphs_status(self) -> str:
+        """One line: whether the UNet step replays CUDA graphs, and why."""
+        return self._graphs.reason
 
     def free_memory_bytes(self) -> int:
         """Memory ComfyUI could hand to MSI's activations on the compute device now (its own accounting,

@@ -165,3 +165,41 @@ def test_scheduled_conditioning_lives_on_the_compute_device(pack, monkeypatch):
     for tensor, extras in out:
         assert tensor.device.type == "meta" and extras["pooled_output"].device.type == "meta"
     assert null[0][0].device.type == "cpu" and embeds.stage_conds.device.type == "cpu"  # inputs untouched
+
+
+def test_msi_and_inversion_replay_cuda_graphs_inside_comfyui_with_the_eager_results(pack, tiny_checkpoint):
+    """MSI Invert's two loops on ComfyUI's MODEL (trainable bridge, inference mode as the executor runs it)
+    with the step replayed through graphs (CPU stand-in captures) equal the eager loops, same seeds."""
+    from core import msi as core_msi
+    from core import sampling as core_sampling
+    from tests.support.fake_graphs import FakeGraphOps
+
+    backend_module, graphs = pack("nodes.comfy.backend"), pack("core.cuda_graphs")
+    normal_tensors = pack("core.autograd").normal_tensors
+    model, clip, vae = _load(tiny_checkpoint)
+    with torch.inference_mode():
+        backend = backend_module.ComfyBackend(model, clip, vae, trainable=True)
+    if backend.device.type == "cpu":
+        assert backend.cuda_graphs_status.startswith("off: CUDA graphs need a CUDA device")
+    image = torch.linspace(-1, 1, 3 * 64 * 64).view(1, 3, 64, 64).to(backend.device)
+    options = core_msi.MSIOptions.preset("lite", steps=4, timesteps_per_step=2, seed=5)
+
+    def run():
+        with torch.inference_mode():
+            with normal_tensors():  # as MSI Invert runs it
+                result = core_msi.train_msi(backend, image, options)
+            z_T = core_sampling.ddim_invert(backend, result.source_latent, result.stage_conds, 6)
+        return result, z_T
+
+    eager = run()
+    original, ops = backend._graphs, FakeGraphOps()
+    backend._graphs = graphs.CudaGraphSteps(backend._eps, backend.device, "on", ops=ops,
+                                            weights=lambda: (*backend.base.parameters(), *backend.base.buffers()))
+    try:
+        graphed = run()
+        stats = backend._graphs.stats
+    finally:
+        backend._graphs = original
+    assert ops.captures == 2 and stats.replays >= 5 and stats.drops == 0 and max(stats.verified) < 1e-5
+    torch.testing.assert_close(graphed[0].stage_conds, eager[0].stage_conds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(graphed[1], eager[1], rtol=0, atol=1e-5)
