@@ -9,8 +9,10 @@
 # part by part, within DP_GPU_BENCH_BUDGET_S (default 480 s = 8 minutes, setup included); a part starts only
 # when the time left covers its estimate (below), and each runs under `timeout` for what is left:
 #   1 components   reference vs optimised per loop step (MSI step and cost per timestep seen, inversion step,
-#                  guided step at batch 4, decode + recognizer backward), eager: fp32 vs bf16 weights
-#                  of the same random SD1.5; then the guided step at B = 1, 2, 4, 8                 ~100 s
+#                  guided step at batch 4, decode + recognizer backward): fp32 eager vs bf16 weights
+#                  of the same random SD1.5 with the UNet step as CUDA graphs (the default); then
+#                  graphs off vs on alone (MSI, inversion, guided step); the guided step at B = 1, 2,
+#                  4, 8                                                                             ~130 s
 #   2 e2e          one face end to end, presets fast and default                                    ~100 s
 #   3 faces        photos with 1, 2, 4 faces (fast preset), faces one at a time vs in one batch,
 #                  with the ratio                                                                   ~130 s
@@ -109,7 +111,7 @@ part() {  # name, estimate (s), benchmark arguments...
 }
 
 failed=0
-part 1-components 100 --sections components,batch --batches "$BATCHES" || failed=1
+part 1-components 130 --sections components,batch --batches "$BATCHES" || failed=1
 part 2-e2e 100 --sections e2e --presets fast,default "${E2E[@]}" || failed=1
 part 3-faces 130 --sections faces --faces "$FACES" "${E2E[@]}" || true
 part 4-paper 130 --sections e2e --presets paper "${E2E[@]}" || true
