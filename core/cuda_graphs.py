@@ -19,22 +19,35 @@ Within a scope, for each signature:
    inputs that need gradients (MSI's conditioning, guidance through x_t) ``torch.cuda.make_graphed_callables``,
    which captures the forward and the backward pass — and answers eagerly;
 3. call 3 runs both the graph and the eager step on its (new) inputs and compares output (and, with gradients,
-   the input gradients): a relative L2 error above :data:`VERIFY_RTOL` — e.g. a value the capture baked in
-   from call 2's inputs — or a non-finite value turns graphs off for good with one warning line, and the eager
-   result is used; so no unchecked graph output is ever handed out;
+   the input gradients): a relative L2 error above :func:`tolerance_for` the compute dtype — e.g. a value the
+   capture baked in from call 2's inputs — or a non-finite value turns graphs off for good with one warning
+   line, and the eager result is used;
 4. later calls copy their inputs into the graph's static buffers, replay, and return a clone of the output
    (a replay must never overwrite a tensor the caller still holds). No host-device synchronisation.
 
-Graphs turn off, with one log line, and the eager step runs when: the setting is "off" or ``DP_CUDA_GRAPHS=0``;
-the device is not CUDA; "auto" finds less than :data:`FREE_MEMORY_FLOOR` free (a graph keeps one step's
-activations resident for the whole loop); a weight is not on the device (ComfyUI's low-VRAM loading); the
-loop opened its scope with ``enabled=False`` (MSI with gradient checkpointing); or capture, replay or
-verification fails. A weight that moves inside a scope (its address is checked on every call, a host-side
-tuple compare) drops that scope's graphs; the next calls capture again.
+What the check on call 3 does not cover, and how it is handled instead: a graph with gradients keeps the
+activations of its *latest* forward for its backward, so a second forward of the same signature before the
+first one's backward would give the first wrong gradients — such a forward runs eagerly instead (every loop
+here backpropagates each step before the next); its backward reads the UNet weights by address, so the
+entry keeps them alive; and every call compares the addresses (and dtypes) of every weight and buffer with
+those at capture (a host-side tuple compare): a moved weight drops the scope's graphs (captured again on the
+next calls; after :data:`MAX_RECAPTURES` moves the loop stays eager), and a weight that is not on the device
+(ComfyUI's low-VRAM loading) or has no plain storage (a quantized wrapper tensor, whose address reads 0)
+keeps the loop eager.
+
+Graphs are off, with one log line, and the eager step runs when: the setting is "off" or ``DP_CUDA_GRAPHS=0``;
+the device is not CUDA; "auto" finds less free memory than :data:`FREE_MEMORY_FLOOR` or than
+:data:`RESIDENT_HEADROOM` × the activations the loop says a graph keeps resident; a loop or an enclosing block
+opens its scope with ``enabled=False`` (MSI with gradient checkpointing, the benchmark's eager reference); an
+autocast with a weight cache is active; or capturing runs out of memory (for that loop). Any other failure of a
+capture, a replay or the check turns graphs off for the rest of the object's life. Exceptions the caller
+names as its own (``passthrough``: ComfyUI's Cancel) propagate untouched; errors of the eager step itself are
+never caught here.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -53,34 +66,59 @@ GRAPH_SETTINGS = ("auto", "on", "off")
 #: (MSI: forward and backward) resident for its whole loop, where eager execution frees them between calls.
 #: Our choice: an 8 GiB consumer card holding SD1.5 has less, an H100 far more.
 FREE_MEMORY_FLOOR = 6 * 2 ** 30
+#: "auto" also needs this many times the activations a loop's graph keeps resident (when the loop measured
+#: them: MSI): the graph's pool, the eager step of the capture and check calls, and room. Our choice.
+RESIDENT_HEADROOM = 3.0
 #: the call of a signature (within a scope) that captures its graph: a signature seen twice is a loop
 CAPTURE_ON_CALL = 2
 #: warm-up calls before a capture (cuBLAS/cuDNN workspaces and lazy initialisation must not be captured)
 WARMUP_CALLS = 2
 #: relative L2 error allowed between a graph's replay and the eager step on the same inputs: float32 steps
-#: replay the same kernels (1e-3 leaves room for a different cuBLAS workspace split); bf16/fp16 ones 2e-2.
-#: A capture bug (a value baked in from the capture call's inputs) gives errors of order 1.
+#: replay the same kernels (1e-3 leaves room for a different cuBLAS workspace split and attention backward
+#: kernels that accumulate with atomics); bf16/fp16 ones 2e-2. A capture bug (a value baked in from the
+#: capture call's inputs) gives errors of order 1.
 VERIFY_RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}
 VERIFY_RTOL_HALF = 2e-2
-#: drops of a scope's graphs because a weight moved before graphs stop for that scope (ComfyUI re-loading the
-#: UNet at every call would otherwise pay a capture each time)
+#: drops of a scope's graphs because a weight moved before the loop stays eager (ComfyUI re-loading the UNet
+#: at every call would otherwise pay a capture each time)
 MAX_RECAPTURES = 3
 
 Step = Callable[..., torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------ CUDA ops
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class CudaGraphOps:
-    """The two CUDA-graph captures :class:`CudaGraphSteps` uses (tests inject a CPU stand-in with the same
-    buffer semantics)."""
+    """The CUDA side of :class:`CudaGraphSteps`: the two captures and freeing memory (tests inject a CPU
+    stand-in with the same buffer semantics, tests/support/fake_graphs.py).
+
+    Captures use ``capture_error_mode="thread_local"`` (where this torch has it): another thread of the same
+    process (ComfyUI's server) may use CUDA while a capture runs. The calling thread's current stream is
+    restored whatever happens (a failed capture would otherwise leave it on the capture stream).
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
 
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        with torch.cuda.device(self.device):
+            previous = torch.cuda.current_stream()
+            try:
+                yield
+            finally:
+                torch.cuda.set_stream(previous)
+
     def capture(self, fn: Step, static_args: Sequence[torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         """Warm ``fn`` up on a side stream, then capture ``fn(*static_args)`` into a CUDA graph; returns
         (replay, static output). Replaying re-runs the kernels on the static buffers' current contents."""
-        with torch.cuda.device(self.device):
+        with self._on_device():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -88,18 +126,25 @@ class CudaGraphOps:
                     fn(*static_args)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            mode = {"capture_error_mode": "thread_local"} if _accepts(torch.cuda.graph, "capture_error_mode") else {}
+            with torch.cuda.graph(graph, **mode):
                 static_out = fn(*static_args)
         return graph.replay, static_out
 
     def graph_autograd(self, fn: Step, sample_args: Sequence[torch.Tensor]) -> Step:
         """``torch.cuda.make_graphed_callables``: forward and backward captured; the result is differentiable
         w.r.t. the inputs that need gradients (their ``requires_grad`` must match ``sample_args``)."""
-        with torch.cuda.device(self.device):
-            return torch.cuda.make_graphed_callables(fn, tuple(sample_args), num_warmup_iters=WARMUP_CALLS)
+        maker = torch.cuda.make_graphed_callables
+        mode = {"capture_error_mode": "thread_local"} if _accepts(maker, "capture_error_mode") else {}
+        with self._on_device():
+            return maker(fn, tuple(sample_args), num_warmup_iters=WARMUP_CALLS, **mode)
 
     def free_bytes(self) -> int:
         return speed.free_memory_bytes(self.device)
+
+    def empty_cache(self) -> None:
+        """Hand the memory of released graphs back before an eager retry."""
+        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -136,6 +181,14 @@ def _needs_grad(t: torch.Tensor) -> bool:
     return t.requires_grad and torch.is_grad_enabled()
 
 
+_OOM_ERRORS = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                    if t is not None)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, _OOM_ERRORS) or "out of memory" in str(err).lower()
+
+
 @dataclass
 class _Entry:
     """One signature's state inside a scope."""
@@ -144,6 +197,8 @@ class _Entry:
     verified: bool = False
     autograd: bool = False
     compute_dtype: torch.dtype = torch.float32
+    weights: tuple = ()  # the weights the graph reads by address, kept alive while it exists
+    pending: int = 0  # graphed forwards whose backward has not run yet (their activations fill the pool)
 
 
 @dataclass
@@ -154,6 +209,14 @@ class GraphStats:
     eager: int = 0
     drops: int = 0
     verified: list = field(default_factory=list)  # relative errors measured at verification
+
+
+class _Failure(Exception):
+    """A graph operation failed: ``permanent`` turns graphs off for good, else only for the loop."""
+
+    def __init__(self, why: str, permanent: bool):
+        super().__init__(why)
+        self.why, self.permanent = why, permanent
 
 
 # ------------------------------------------------------------------------------------------ the wrapper
@@ -168,6 +231,10 @@ class CudaGraphSteps:
             their addresses are checked on every call, so a moved model is never replayed.
         free_bytes: free device memory for the "auto" floor (default: :func:`core.speed.free_memory_bytes`;
             the ComfyUI bridge passes ComfyUI's view).
+        compute_dtype: the dtype ``fn`` computes in when no autocast is active and it differs from the
+            inputs' (ComfyUI casts float32 inputs to the model's fp16/bf16 inside): sets the check's tolerance.
+        passthrough: exception classes raised inside a capture that are the caller's, not a graph failure
+            (ComfyUI's InterruptProcessingException: Cancel); they propagate untouched.
         ops: the capture implementation (default :class:`CudaGraphOps`); tests inject a CPU stand-in, which
             also lifts the CUDA-only rule.
         what: the step's name in log lines.
@@ -178,7 +245,8 @@ class CudaGraphSteps:
 
     def __init__(self, fn: Step, device: torch.device | str, setting: str = "auto", *,
                  weights: Callable[[], Iterable[torch.Tensor]], free_bytes: Optional[Callable[[], int]] = None,
-                 ops=None, what: str = "UNet"):
+                 compute_dtype: Optional[torch.dtype] = None, passthrough: tuple = (), ops=None,
+                 what: str = "UNet"):
         if setting not in GRAPH_SETTINGS:
             raise ValueError(f"cuda_graphs must be one of {GRAPH_SETTINGS}, got {setting!r}")
         self.fn, self.what, self.setting = fn, what, setting
@@ -186,9 +254,12 @@ class CudaGraphSteps:
         self._weights = weights
         self._ops = ops if ops is not None else CudaGraphOps(self.device)
         self._free_bytes = free_bytes or self._ops.free_bytes
+        self._compute_dtype_given = compute_dtype
+        self._passthrough = tuple(passthrough)
         self._entries: dict = {}
         self._token: Optional[tuple] = None
         self._depth = 0
+        self._suppressed = 0  # nested blocks opened with enabled=False
         self._scope_on = False
         self._scope_recaptures = 0
         self.stats = GraphStats()
@@ -205,23 +276,29 @@ class CudaGraphSteps:
 
     # ------------------------------------------------------------------ scope
     @contextlib.contextmanager
-    def scope(self, enabled: bool = True, why: str = "") -> Iterator[None]:
-        """Let the calls inside the block replay graphs (the outermost block decides; nested blocks join it).
-        Every graph is released when the outermost block exits. ``enabled=False`` keeps the block eager and
-        logs ``why`` once."""
+    def scope(self, enabled: bool = True, why: str = "", resident_bytes: int = 0) -> Iterator[None]:
+        """Let the calls inside the block replay graphs. The outermost block opens the scope (and releases
+        every graph when it exits); a nested block joins it, except that a block opened with
+        ``enabled=False`` keeps its calls eager (``why`` is logged). ``resident_bytes``: the activations a
+        graph of this loop keeps resident, when measured (MSI), for the "auto" memory check."""
         outermost = self._depth == 0
         if outermost:
-            self._scope_on = self._open_scope(enabled, why)
+            self._scope_on = self._open_scope(enabled, why, resident_bytes)
+        elif not enabled and self._scope_on:
+            log.info("[Diff-Privacy] CUDA graphs of the %s step off for this loop: %s", self.what, why)
+        suppress = not outermost and not enabled
         self._depth += 1
+        self._suppressed += suppress
         try:
             yield
         finally:
             self._depth -= 1
+            self._suppressed -= suppress
             if outermost:
                 self._release()
                 self._scope_on = False
 
-    def _open_scope(self, enabled: bool, why: str) -> bool:
+    def _open_scope(self, enabled: bool, why: str, resident_bytes: int) -> bool:
         if not self._usable or self.failed is not None:
             return False
         if not enabled:
@@ -229,10 +306,11 @@ class CudaGraphSteps:
             return False
         if self.setting == "auto":
             free = int(self._free_bytes() or 0)
-            if free < FREE_MEMORY_FLOOR:
-                log.info("[Diff-Privacy] CUDA graphs of the %s step off for this loop: %.1f GiB free < %.0f GiB "
+            need = max(FREE_MEMORY_FLOOR, int(RESIDENT_HEADROOM * max(int(resident_bytes), 0)))
+            if free < need:
+                log.info("[Diff-Privacy] CUDA graphs of the %s step off for this loop: %.1f GiB free < %.1f GiB "
                          "(a graph keeps a step's activations resident; cuda_graphs='on' overrides)",
-                         self.what, free / 2 ** 30, FREE_MEMORY_FLOOR / 2 ** 30)
+                         self.what, free / 2 ** 30, need / 2 ** 30)
                 return False
         self._scope_recaptures = 0
         return True
@@ -244,7 +322,7 @@ class CudaGraphSteps:
     @property
     def active(self) -> bool:
         """Whether calls now may replay graphs (inside an enabled scope, nothing failed)."""
-        return self._scope_on and self.failed is None and not speed._eager_depth
+        return (self._scope_on and not self._suppressed and self.failed is None and not speed._eager_depth)
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
@@ -252,7 +330,8 @@ class CudaGraphSteps:
             return self.fn(*args)
         token = self._weights_token()
         if token is None:
-            return self._eager_for_scope(args, "a UNet weight is not on the compute device (low-VRAM loading)")
+            return self._eager_for_scope(args, "a UNet weight is off the compute device (low-VRAM loading) or "
+                                               "has no plain storage (quantized)")
         if token != self._token:
             if self._token is not None:
                 self._entries.clear()
@@ -262,6 +341,8 @@ class CudaGraphSteps:
                     return self._eager_for_scope(args, f"the weights moved {MAX_RECAPTURES + 1} times in one loop")
             self._token = token
         autograd = any(_needs_grad(a) for a in args)
+        if autograd and autocast_dtype(self.device.type) is not None and torch.is_autocast_cache_enabled():
+            return self._eager_for_scope(args, "an autocast with a weight cache is active (cache_enabled=True)")
         key = (autograd, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                autocast_dtype(self.device.type),
                tuple((tuple(a.shape), a.dtype, _needs_grad(a)) for a in args))
@@ -269,43 +350,60 @@ class CudaGraphSteps:
         if entry is None:
             entry = self._entries[key] = _Entry(autograd=autograd, compute_dtype=self._compute_dtype(args))
         entry.calls += 1
-        try:
-            if entry.run is None:
-                if entry.calls < CAPTURE_ON_CALL:
-                    self.stats.eager += 1
-                    return self.fn(*args)
-                entry.run = self._capture(args, autograd)
+        if entry.run is None and entry.calls >= CAPTURE_ON_CALL:
+            if self._guarded(lambda: self._capture(entry, args, autograd)):
                 self.stats.captures += 1
-                self.stats.eager += 1
-                return self.fn(*args)  # nothing unchecked leaves: the capture call's answer is eager
-            if not entry.verified:
-                return self._verify(entry, args)
-            self.stats.replays += 1
-            return entry.run(*args)
-        except Exception as err:  # noqa: BLE001 - any failure of a graph means eager, for good
-            self._fail(f"{type(err).__name__}: {str(err)[:200]}")
-            return self.fn(*args)
+        elif entry.run is not None and not self._backward_pending(entry):
+            result = self._guarded(lambda: self._verified_call(entry, args) if entry.verified
+                                   else self._verify(entry, args))
+            if result is not None:
+                return result
+        self.stats.eager += 1
+        return self.fn(*args)  # the eager step itself: its own errors (and Cancel) propagate as they are
+
+    def _guarded(self, operation: Callable[[], object]):
+        """Run a graph operation; on failure release what it held and return None (the caller runs eagerly,
+        outside this frame, so the failed graph's memory can be freed first)."""
+        failure: Optional[_Failure] = None
+        try:
+            return operation()
+        except self._passthrough:
+            self._release()
+            raise
+        except _Failure as err:
+            failure = err
+        except Exception as err:  # noqa: BLE001 - any failure of a graph means eager
+            failure = _Failure(f"{type(err).__name__}: {str(err)[:200]}", permanent=not _is_out_of_memory(err))
+        if failure.permanent:
+            self._fail(failure.why)
+        else:
+            self._eager_for_scope(None, failure.why)
+        self._ops.empty_cache()
+        return None
 
     def _compute_dtype(self, args: Sequence[torch.Tensor]) -> torch.dtype:
         under_autocast = autocast_dtype(self.device.type)
         if under_autocast is not None:
             return under_autocast
+        if self._compute_dtype_given is not None:
+            return self._compute_dtype_given
         floats = [a.dtype for a in args if a.is_floating_point()]
         return floats[0] if floats else torch.float32
 
     def _weights_token(self) -> Optional[tuple]:
-        ptrs = []
+        token = []
         for w in self._weights():
-            if w.device.type != self.device.type:
+            ptr = w.data_ptr()
+            if w.device.type != self.device.type or (ptr == 0 and w.numel() > 0):
                 return None
-            ptrs.append(w.data_ptr())
-        return tuple(ptrs)
+            token.append((ptr, w.dtype, w.device.index))
+        return tuple(token)
 
-    def _eager_for_scope(self, args, why: str) -> torch.Tensor:
+    def _eager_for_scope(self, args, why: str):
         log.info("[Diff-Privacy] CUDA graphs of the %s step off for this loop: %s", self.what, why)
         self._scope_on = False
         self._release()
-        return self.fn(*args)
+        return None if args is None else self.fn(*args)
 
     def _fail(self, why: str) -> None:
         self.failed = why
@@ -313,12 +411,15 @@ class CudaGraphSteps:
         self._release()
         log.warning("[Diff-Privacy] CUDA graphs of the %s step %s; running eagerly", self.what, self.reason)
 
-    # ------------------------------------------------------------------ capture and verification
-    def _capture(self, args: Sequence[torch.Tensor], autograd: bool) -> Step:
+    # ------------------------------------------------------------------ capture, replay and verification
+    def _capture(self, entry: _Entry, args: Sequence[torch.Tensor], autograd: bool) -> bool:
+        entry.weights = tuple(self._weights())
+        entry.autograd = autograd
         if autograd:
             sample = [a.detach().clone().requires_grad_(_needs_grad(a)) for a in args]
             graphed = self._ops.graph_autograd(self.fn, sample)
-            return lambda *xs: graphed(*xs).clone()
+            entry.run = lambda *xs: graphed(*xs).clone()
+            return True
         static_in = [a.detach().clone() for a in args]
         with torch.no_grad():
             replay, static_out = self._ops.capture(self.fn, static_in)
@@ -329,10 +430,36 @@ class CudaGraphSteps:
             replay()
             return static_out.clone()
 
-        return run
+        entry.run = run
+        return True
 
-    def _verify(self, entry: _Entry, args: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Graph and eager on the same inputs; adopt the graph when they agree (one host sync per signature)."""
+    @staticmethod
+    def _backward_pending(entry: _Entry) -> bool:
+        """Whether a forward of this (autograd) graph still waits for its backward: its saved activations
+        live in the graph's pool, so another forward now would overwrite them. A forward whose output never
+        gets a backward keeps the signature eager for the rest of the scope (safe, only slower)."""
+        return entry.pending > 0
+
+    @staticmethod
+    def _track(entry: _Entry, out: torch.Tensor) -> torch.Tensor:
+        """Count a graphed forward pending until the gradient reaches its output (its backward then runs)."""
+        if entry.autograd and out.requires_grad:
+            entry.pending += 1
+
+            def done(grad):
+                entry.pending = max(entry.pending - 1, 0)
+                return grad
+
+            out.register_hook(done)
+        return out
+
+    def _verified_call(self, entry: _Entry, args: Sequence[torch.Tensor]) -> torch.Tensor:
+        self.stats.replays += 1
+        return self._track(entry, entry.run(*args))
+
+    def _verify(self, entry: _Entry, args: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Graph and eager on the same inputs; adopt the graph when they agree (one host sync per signature).
+        Raises :class:`_Failure` when they do not."""
         rtol = tolerance_for(entry.compute_dtype)
         if entry.autograd:
             wants = [i for i, a in enumerate(args) if _needs_grad(a)]
@@ -353,18 +480,18 @@ class CudaGraphSteps:
         worst = float(errors.nan_to_num(float("inf")).max())  # the one sync of a signature
         self.stats.verified.append(worst)
         if not worst <= rtol:
-            self._fail(f"replay differs from the eager step: relative error {worst:.2e} > {rtol:g}")
-            return self.fn(*args) if entry.autograd else eager_out
+            raise _Failure(f"replay differs from the eager step: relative error {worst:.2e} > {rtol:g}",
+                           permanent=True)
         entry.verified = True
         log.info("[Diff-Privacy] CUDA graph of the %s step captured and checked (relative error %.1e)",
                  self.what, worst)
         self.stats.replays += 1
         # with gradients the caller's graph must run through the graphed step on its own inputs
-        return entry.run(*args) if entry.autograd else graph_out
+        return self._track(entry, entry.run(*args)) if entry.autograd else graph_out
 
 
-def graph_scope(backend, enabled: bool = True, why: str = ""):
+def graph_scope(backend, enabled: bool = True, why: str = "", resident_bytes: int = 0):
     """The backend's CUDA-graph scope for one loop (``backend.unet_graphs``), or a no-op for a backend without
     graphs. Loops open it around their steps and nothing else."""
     opener = getattr(backend, "unet_graphs", None)
-    return opener(enabled, why) if callable(opener) else contextlib.nullcontext()
+    return opener(enabled, why, resident_bytes) if callable(opener) else contextlib.nullcontext()

@@ -246,9 +246,9 @@ class DiffusersBackend:
         device in the compute dtype → ε̂ [B,4,h,w] in that dtype."""
         return self._unet_call(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
 
-    def unet_graphs(self, enabled: bool = True, why: str = ""):
+    def unet_graphs(self, enabled: bool = True, why: str = "", resident_bytes: int = 0):
         """The CUDA-graph scope of one loop (:meth:`core.cuda_graphs.CudaGraphSteps.scope`)."""
-        return self._graphs.scope(enabled, why)
+        return self._graphs.scope(enabled, why, resident_bytes)
 
     @property
     def cuda_graphs_status(self) -> str:

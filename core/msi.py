@@ -622,7 +622,8 @@ def train_msi_faces(backend: DiffusionBackend, images: torch.Tensor, options: MS
         checkpointing, why, activation_bytes = (checkpointing_choice(backend, options.grad_checkpointing, probe)
                                                 if steps else (False, "no steps", 0))
         with _gradient_checkpointing(backend, checkpointing), \
-                graph_scope(backend, enabled=not checkpointing, why="UNet gradient checkpointing is on"):
+                graph_scope(backend, enabled=not checkpointing, why="UNet gradient checkpointing is on",
+                            resident_bytes=activation_bytes):
             for step in range(steps):
                 if cancel is not None:
                     cancel()

@@ -10,8 +10,8 @@ from ...core.cuda_graphs import CudaGraphSteps
 from ...core.fingerprint import text_encoder_fingerprint
 from ...core.text_encoder import CLIPTextEncoder, PlaceholderConditioner
 from .autograd import DifferentiableDecoder, grad_ready_model, set_unet_checkpointing
-from .models import (encode_image, free_memory, intermediate_device, load_models, model_fingerprint,
-                     torch_device, unet)
+from .models import (InterruptProcessingException, compute_dtype, encode_image, free_memory, intermediate_device,
+                     load_models, model_fingerprint, torch_device, unet)
 
 #: the placeholder prompt whose token MSI's stage tokens replace (docs/method.md §2.2)
 PLACEHOLDER = "*"
@@ -85,10 +85,12 @@ class ComfyBackend:
     conditioning (MSI training), for calls with autograd on; calls without it (inversion) use the MODEL as
     given. The text encoder and VAE decoder are private gradient-ready copies.
 
-    Inside each loop (MSI, inversion) the step may replay as CUDA graphs (``core.cuda_graphs``; ``cuda_graphs``
-    "auto" by default, ``DP_CUDA_GRAPHS=0`` turns it off): only while every UNet weight sits on the GPU at the
-    address it was captured with (ComfyUI's low-VRAM loading keeps the step eager), against ComfyUI's own view
-    of free memory, and released when the loop ends, so ComfyUI stays free to move the model between runs.
+    Inside each loop (MSI, inversion, and the quick node's sampling and recovery) the step may replay as CUDA
+    graphs (``core.cuda_graphs``; ``cuda_graphs`` "auto" by default, ``DP_CUDA_GRAPHS=0`` turns it off): only
+    while every UNet weight sits on the GPU at the address it was captured with (ComfyUI's low-VRAM loading
+    keeps the step eager), against ComfyUI's view of free memory, checked with the tolerance of the model's
+    compute dtype, with Cancel passed through, and released when the loop ends, so ComfyUI stays free to move
+    the model between runs.
     """
 
     def __init__(self, model, clip, vae, *, trainable: bool = False, cuda_graphs: str = "auto"):
@@ -115,7 +117,8 @@ class ComfyBackend:
         base = self.base
         self._graphs = CudaGraphSteps(self._eps, self.device, cuda_graphs,
                                       weights=lambda: (*base.parameters(), *base.buffers()),
-                                      free_bytes=self.free_memory_bytes)
+                                      free_bytes=self.free_memory_bytes, compute_dtype=compute_dtype(base),
+                                      passthrough=(InterruptProcessingException,))
 
     # diffusion
     def predict_eps(self, z_t, t, cond):
@@ -132,9 +135,9 @@ class ComfyBackend:
         with normal_tensors():
             return self._graphs(z_t, t, cond)
 
-    def unet_graphs(self, enabled: bool = True, why: str = ""):
+    def unet_graphs(self, enabled: bool = True, why: str = "", resident_bytes: int = 0):
         """The CUDA-graph scope of one loop (:meth:`core.cuda_graphs.CudaGraphSteps.scope`)."""
-        return self._graphs.scope(enabled, why)
+        return self._graphs.scope(enabled, why, resident_bytes)
 
     @property
     def cuda_graphs_status(self) -> str:
@@ -142,8 +145,8 @@ class ComfyBackend:
         return self._graphs.reason
 
     def free_memory_bytes(self) -> int:
-        """Memory ComfyUI could hand to MSI's activations on the compute device now (its own accounting,
-        which counts what it may offload), for MSI's automatic checkpointing choice."""
+        """Memory free on the compute device now by ComfyUI's count (``get_free_memory``: the driver's free
+        memory plus PyTorch's unused cache), for MSI's checkpointing choice and the CUDA-graph check."""
         return free_memory(self.device)
 
     def _eps(self, z_t, t, cond):

@@ -45,6 +45,20 @@ def free_memory(device: torch.device) -> int:
     return int(mm.get_free_memory(device))
 
 
+#: ComfyUI's Cancel: raised from inside model calls once the user pressed Cancel (it clears the flag)
+InterruptProcessingException = mm.InterruptProcessingException
+
+
+def compute_dtype(base) -> torch.dtype | None:
+    """The dtype a ComfyUI ``BaseModel`` runs its UNet in: its manual-cast dtype when it has one, else its
+    weights' dtype (None when the model says neither)."""
+    cast = getattr(base, "manual_cast_dtype", None)
+    if cast is not None:
+        return cast
+    get_dtype = getattr(base, "get_dtype", None)
+    return get_dtype() if callable(get_dtype) else None
+
+
 def release_memory() -> None:
     """Release cached device memory at the end of a heavy node."""
     mm.soft_empty_cache()

@@ -212,6 +212,126 @@ def test_autocast_is_part_of_the_signature_and_sets_the_tolerance():
     assert [cg.tolerance_for(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [1e-3, 2e-2, 2e-2]
 
 
+class Cancelled(Exception):
+    """Stands for ComfyUI's InterruptProcessingException."""
+
+
+def test_cancel_and_eager_errors_propagate_and_do_not_count_as_graph_failures():
+    model = ToyStep()
+    steps = make_steps(model, ops=FakeGraphOps(raises=Cancelled()), passthrough=(Cancelled,))
+    with torch.no_grad(), steps.scope():
+        steps(*inputs(0))
+        with pytest.raises(Cancelled):  # Cancel inside the capture: the caller's, untouched
+            steps(*inputs(1))
+    assert steps.failed is None
+
+    calls = []
+
+    def flaky(z, t, cond):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Cancelled()  # e.g. ComfyUI's per-op interrupt check inside the eager step
+        return model(z, t, cond)
+
+    ops = FakeGraphOps()
+    steps = cg.CudaGraphSteps(flaky, "cpu", "auto", weights=model.parameters, ops=ops)
+    with torch.no_grad(), steps.scope():
+        with pytest.raises(Cancelled):  # not swallowed (no passthrough needed: eager calls are never caught)
+            steps(*inputs(0))
+        for i in range(4):
+            steps(*inputs(i))
+    assert steps.failed is None and ops.captures == 1
+
+
+def test_out_of_memory_while_capturing_keeps_only_that_loop_eager(caplog):
+    model = ToyStep()
+    ops = FakeGraphOps(raises=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    steps = make_steps(model, ops=ops)
+    with caplog.at_level(logging.INFO, logger="diff_privacy.speed"), torch.no_grad(), steps.scope():
+        for i in range(4):
+            torch.testing.assert_close(steps(*inputs(i)), model(*inputs(i)), rtol=0, atol=0)
+    assert steps.failed is None and ops.emptied == 1 and "out of memory" in caplog.text
+    ops.raises = None
+    with torch.no_grad(), steps.scope():  # the next loop tries again
+        for i in range(4):
+            steps(*inputs(i))
+    assert ops.captures == 1 and steps.stats.replays >= 1
+
+
+def test_a_nested_disabled_block_and_a_loop_with_large_activations_stay_eager(caplog):
+    model, ops = ToyStep(), FakeGraphOps(free=10 * 2 ** 30)
+    steps = make_steps(model, ops=ops)
+    with caplog.at_level(logging.INFO, logger="diff_privacy.speed"), torch.no_grad():
+        with steps.scope():
+            with steps.scope(enabled=False, why="UNet gradient checkpointing is on"):
+                for i in range(4):
+                    steps(*inputs(i))
+        assert ops.captures == 0 and "checkpointing" in caplog.text
+        with steps.scope(resident_bytes=4 * 2 ** 30):  # 3 × 4 GiB > 10 GiB free
+            for i in range(4):
+                steps(*inputs(i))
+        assert ops.captures == 0
+        with steps.scope(resident_bytes=2 ** 30):
+            for i in range(4):
+                steps(*inputs(i))
+        assert ops.captures == 1
+
+
+def test_a_second_forward_before_the_first_backward_runs_eagerly():
+    """A graph's backward uses the activations of its latest forward: two forwards in flight must not share it."""
+    model, ops = ToyStep(), FakeGraphOps()
+    steps = make_steps(model, ops=ops)
+    with steps.scope():
+        for i in range(3):  # eager, capture, check
+            z, t, cond = inputs(i, grad=True)
+            steps(z, t, cond).sum().backward()
+        a_in, b_in = inputs(3, grad=True), inputs(4, grad=True)
+        replays = steps.stats.replays
+        a, b = steps(*a_in), steps(*b_in)  # b while a's backward is pending: eager
+        assert steps.stats.replays == replays + 1
+        (ga,) = torch.autograd.grad(a.square().sum(), a_in[2])
+        (gb,) = torch.autograd.grad(b.square().sum(), b_in[2])
+        steps(*inputs(5, grad=True)).sum().backward()  # nothing pending any more: a replay again
+        assert steps.stats.replays == replays + 2
+    for got, args in ((ga, inputs(3, grad=True)), (gb, inputs(4, grad=True))):
+        (want,) = torch.autograd.grad(model(*args).square().sum(), args[2])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_weight_without_plain_storage_and_a_caching_autocast_keep_the_loop_eager(caplog):
+    class Quantized:  # a wrapper tensor subclass (ComfyUI's QuantizedTensor) reads address 0
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def data_ptr(self):
+            return 0
+
+        def numel(self):
+            return 16
+
+    model, ops = ToyStep(), FakeGraphOps()
+    steps = cg.CudaGraphSteps(model, "cpu", "auto", weights=lambda: (*model.parameters(), Quantized()), ops=ops)
+    with caplog.at_level(logging.INFO, logger="diff_privacy.speed"), torch.no_grad(), steps.scope():
+        for i in range(4):
+            steps(*inputs(i))
+    assert ops.captures == 0 and "quantized" in caplog.text
+    steps = make_steps(model, ops=ops)
+    with caplog.at_level(logging.INFO, logger="diff_privacy.speed"), steps.scope():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # cache_enabled=True by default
+            for i in range(4):
+                steps(*inputs(i, grad=True))
+    assert ops.captures == 0 and "weight cache" in caplog.text and steps.failed is None
+
+
+def test_the_compute_dtype_a_backend_names_sets_the_tolerance():
+    model, ops = ToyStep(), FakeGraphOps()
+    steps = make_steps(model, ops=ops, compute_dtype=torch.float16)
+    with torch.no_grad(), steps.scope():
+        for i in range(3):
+            steps(*inputs(i))
+        entry = next(iter(steps._entries.values()))
+    assert entry.compute_dtype is torch.float16 and cg.tolerance_for(entry.compute_dtype) == cg.VERIFY_RTOL_HALF
+
+
 def test_the_real_ops_need_cuda():
     assert cg.CudaGraphSteps(ToyStep(), "cpu", "on", weights=lambda: ()).reason.startswith("off: CUDA graphs need")
 

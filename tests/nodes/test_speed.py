@@ -193,13 +193,30 @@ def test_msi_and_inversion_replay_cuda_graphs_inside_comfyui_with_the_eager_resu
 
     eager = run()
     original, ops = backend._graphs, FakeGraphOps()
-    backend._graphs = graphs.CudaGraphSteps(backend._eps, backend.device, "on", ops=ops,
-                                            weights=lambda: (*backend.base.parameters(), *backend.base.buffers()))
+    # the backend's own wrapper (its weights, compute dtype and Cancel pass-through) with stand-in captures
+    with_ops = backend._graphs = graphs.CudaGraphSteps(
+        backend._eps, backend.device, "on", ops=ops, weights=original._weights,
+        compute_dtype=original._compute_dtype_given, passthrough=original._passthrough)
     try:
         graphed = run()
-        stats = backend._graphs.stats
+        stats = with_ops.stats
+        assert ops.captures == 2 and stats.replays >= 5 and stats.drops == 0 and max(stats.verified) < 1e-5
+        # Cancel pressed while a step is being captured: ComfyUI's per-op check raises inside the capture, and
+        # the exception reaches the node as ComfyUI's own, not as a graph failure
+        import comfy.model_management as mm
+
+        def cancel_at_step_one(step, total, info):
+            if step == 1:
+                mm.interrupt_current_processing(True)
+
+        try:
+            with pytest.raises(mm.InterruptProcessingException), torch.inference_mode(), normal_tensors():
+                core_msi.train_msi(backend, image, options, progress=cancel_at_step_one)
+        finally:
+            mm.interrupt_current_processing(False)
+        assert ops.captures == 3 and with_ops.failed is None  # raised from inside the third capture
     finally:
         backend._graphs = original
-    assert ops.captures == 2 and stats.replays >= 5 and stats.drops == 0 and max(stats.verified) < 1e-5
+    assert original._passthrough == (mm.InterruptProcessingException,)
     torch.testing.assert_close(graphed[0].stage_conds, eager[0].stage_conds, rtol=0, atol=1e-5)
     torch.testing.assert_close(graphed[1], eager[1], rtol=0, atol=1e-5)

@@ -2,7 +2,8 @@
 captured function on the *static* input buffers and writes into the *static* output, in place; the autograd
 capture behaves like ``torch.cuda.make_graphed_callables`` (static inputs, outputs handed out as aliases).
 Faults: ``bake`` (replays keep the capture call's output, as a capture that baked its inputs in), ``nan``
-(replays give NaN), ``fail`` (capturing raises)."""
+(replays give NaN), ``fail`` (capturing raises), ``raises`` (capturing raises this exception instance: an
+out-of-memory error, ComfyUI's Cancel)."""
 from __future__ import annotations
 
 import torch
@@ -11,14 +12,19 @@ import torch
 class FakeGraphOps:
     """CPU stand-in for :class:`core.cuda_graphs.CudaGraphOps` with the same buffer semantics."""
 
-    def __init__(self, free=64 * 2 ** 30, bake=False, nan=False, fail=False):
-        self.free, self.bake, self.nan, self.fail = free, bake, nan, fail
-        self.captures = self.replays = 0
+    def __init__(self, free=64 * 2 ** 30, bake=False, nan=False, fail=False, raises=None):
+        self.free, self.bake, self.nan, self.fail, self.raises = free, bake, nan, fail, raises
+        self.captures = self.replays = self.emptied = 0
+
+    def empty_cache(self):
+        self.emptied += 1
 
     def free_bytes(self):
         return self.free
 
     def capture(self, fn, static_args):
+        if self.raises is not None:
+            raise self.raises
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
@@ -35,6 +41,8 @@ class FakeGraphOps:
         return replay, out
 
     def graph_autograd(self, fn, sample_args):
+        if self.raises is not None:
+            raise self.raises
         if self.fail:
             raise RuntimeError("capture failed")
         self.captures += 1
