@@ -29,7 +29,7 @@ What the check on call 3 does not cover, and how it is handled instead: a graph 
 activations of its *latest* forward for its backward, so a second forward of the same signature before the
 first one's backward would give the first wrong gradients — such a forward runs eagerly instead (every loop
 here backpropagates each step before the next); its backward reads the UNet weights by address, so the
-entry keeps them alive; and every call compares the addresses (and dtypes) of every weight and buffer with
+entry keeps their storages alive; and every call compares the addresses (and dtypes) of every weight and buffer with
 those at capture (a host-side tuple compare): a moved weight drops the scope's graphs (captured again on the
 next calls; after :data:`MAX_RECAPTURES` moves the loop stays eager), and a weight that is not on the device
 (ComfyUI's low-VRAM loading) or has no plain storage (a quantized wrapper tensor, whose address reads 0)
@@ -39,8 +39,8 @@ Graphs are off, with one log line, and the eager step runs when: the setting is 
 the device is not CUDA; "auto" finds less free memory than :data:`FREE_MEMORY_FLOOR` or than
 :data:`RESIDENT_HEADROOM` × the activations the loop says a graph keeps resident; a loop or an enclosing block
 opens its scope with ``enabled=False`` (MSI with gradient checkpointing, the benchmark's eager reference); an
-autocast with a weight cache is active; or capturing runs out of memory (for that loop). Any other failure of a
-capture, a replay or the check turns graphs off for the rest of the object's life. Exceptions the caller
+autocast with a weight cache is active; or a capture, replay or check runs out of memory (for that loop). Any
+other failure of a capture, a replay or the check turns graphs off for the rest of the object's life. Exceptions the caller
 names as its own (``passthrough``: ComfyUI's Cancel) propagate untouched; errors of the eager step itself are
 never caught here.
 """
@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -59,9 +58,9 @@ from . import speed
 
 log = logging.getLogger("diff_privacy.speed")
 
-#: accepted values of the cuda_graphs setting: "auto" (on where it works and memory allows), "on" (also below
-#: the memory floor), "off"
-GRAPH_SETTINGS = ("auto", "on", "off")
+#: accepted values of the cuda_graphs setting: "auto" (on where it works and memory allows), "on" (also with
+#: less memory), "off"
+GRAPH_SETTINGS = speed.SWITCH_SETTINGS
 #: "auto" captures only with at least this much free device memory: a graph keeps one step's activations
 #: (MSI: forward and backward) resident for its whole loop, where eager execution frees them between calls.
 #: Our choice: an 8 GiB consumer card holding SD1.5 has less, an H100 far more.
@@ -79,8 +78,8 @@ WARMUP_CALLS = 2
 #: capture call's inputs) gives errors of order 1.
 VERIFY_RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}
 VERIFY_RTOL_HALF = 2e-2
-#: drops of a scope's graphs because a weight moved before the loop stays eager (ComfyUI re-loading the UNet
-#: at every call would otherwise pay a capture each time)
+#: moves of the weights under captured graphs after which a loop stays eager (ComfyUI re-loading the UNet at
+#: every call would otherwise pay a capture each time)
 MAX_RECAPTURES = 3
 
 Step = Callable[..., torch.Tensor]
@@ -139,20 +138,12 @@ class CudaGraphOps:
         with self._on_device():
             return maker(fn, tuple(sample_args), num_warmup_iters=WARMUP_CALLS, **mode)
 
-    def free_bytes(self) -> int:
-        return speed.free_memory_bytes(self.device)
-
     def empty_cache(self) -> None:
         """Hand the memory of released graphs back before an eager retry."""
         torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def graphs_disabled_by_env() -> bool:
-    """``DP_CUDA_GRAPHS`` set to 0/off/false/no turns every graph off (for ComfyUI, which has no widget)."""
-    return os.environ.get("DP_CUDA_GRAPHS", "").strip().lower() in ("0", "off", "false", "no")
-
-
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """‖a − b‖₂ / max(‖b‖₂, 1e-12) in float32 (a 0-dim tensor; non-finite when either is)."""
     a, b = a.detach().float(), b.detach().float()
@@ -192,23 +183,32 @@ def _is_out_of_memory(err: BaseException) -> bool:
 @dataclass
 class _Entry:
     """One signature's state inside a scope."""
+    autograd: bool
+    compute_dtype: torch.dtype
     calls: int = 0
     run: Optional[Step] = None  # the graphed step once captured
     verified: bool = False
-    autograd: bool = False
-    compute_dtype: torch.dtype = torch.float32
-    weights: tuple = ()  # the weights the graph reads by address, kept alive while it exists
+    pinned: tuple = ()  # the storages the graph reads weights from, alive while it exists
     pending: int = 0  # graphed forwards whose backward has not run yet (their activations fill the pool)
 
 
 @dataclass
 class GraphStats:
-    """What the graphs did (for the benchmark and tests): captures, replays, eager calls inside scopes."""
+    """What the graphs did over the object's life (benchmark, report, tests)."""
     captures: int = 0
     replays: int = 0
-    eager: int = 0
-    drops: int = 0
-    verified: list = field(default_factory=list)  # relative errors measured at verification
+    drops: int = 0  # scopes' graphs dropped because a weight moved
+    verified: list = field(default_factory=list)  # relative errors measured at the checks
+    last_eager: str = ""  # why the latest loop that kept its steps eager did so
+
+
+@dataclass
+class _EagerReference:
+    """The eager half of a check: the step on detached copies of the inputs, and its input gradients."""
+    out: torch.Tensor
+    grads: tuple = ()
+    wants: tuple = ()  # indices of the inputs that need gradients
+    weight: Optional[torch.Tensor] = None  # the output gradient used for the check
 
 
 class _Failure(Exception):
@@ -229,7 +229,7 @@ class CudaGraphSteps:
         setting: "auto", "on" or "off" (:data:`GRAPH_SETTINGS`).
         weights: returns the tensors ``fn`` reads besides its arguments (the UNet's parameters and buffers);
             their addresses are checked on every call, so a moved model is never replayed.
-        free_bytes: free device memory for the "auto" floor (default: :func:`core.speed.free_memory_bytes`;
+        free_bytes: free device memory for the "auto" check (default :func:`core.speed.free_memory_bytes`;
             the ComfyUI bridge passes ComfyUI's view).
         compute_dtype: the dtype ``fn`` computes in when no autocast is active and it differs from the
             inputs' (ComfyUI casts float32 inputs to the model's fp16/bf16 inside): sets the check's tolerance.
@@ -253,7 +253,7 @@ class CudaGraphSteps:
         self.device = torch.device(device)
         self._weights = weights
         self._ops = ops if ops is not None else CudaGraphOps(self.device)
-        self._free_bytes = free_bytes or self._ops.free_bytes
+        self._free_bytes = free_bytes or (lambda: speed.free_memory_bytes(self.device))
         self._compute_dtype_given = compute_dtype
         self._passthrough = tuple(passthrough)
         self._entries: dict = {}
@@ -261,18 +261,37 @@ class CudaGraphSteps:
         self._depth = 0
         self._suppressed = 0  # nested blocks opened with enabled=False
         self._scope_on = False
-        self._scope_recaptures = 0
+        self._scope_moves = 0
         self.stats = GraphStats()
         self.failed: Optional[str] = None  # set once graphs failed: off for the rest of this object's life
+        env = speed.env_turns_off("DP_CUDA_GRAPHS")
         if setting == "off":
-            self.reason = "off (set explicitly)"
-        elif graphs_disabled_by_env():
-            self.reason = "off: DP_CUDA_GRAPHS turns it off"
+            self._off = "off (set explicitly)"
+        elif env is not None:
+            self._off = f"off: DP_CUDA_GRAPHS={env} is set"
         elif self.device.type != "cuda" and ops is None:
-            self.reason = f"off: CUDA graphs need a CUDA device, this one is {self.device.type}"
+            self._off = f"off: CUDA graphs need a CUDA device, this one is {self.device.type}"
         else:
-            self.reason = f"{setting}: captured per loop on the 2nd call of each shape, checked against eager"
-        self._usable = self.reason.startswith(("auto", "on"))
+            self._off = None
+        if self._off is not None and setting != "off":
+            log.info("[Diff-Privacy] CUDA graphs of the %s step %s", what, self._off)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether loops may capture at all (setting, environment, device; nothing failed)."""
+        return self._off is None and self.failed is None
+
+    @property
+    def reason(self) -> str:
+        """One line for reports and the benchmark: whether graphs run and what they did so far."""
+        if self._off is not None:
+            return self._off
+        if self.failed is not None:
+            return f"off after a failure ({self.failed})"
+        done = (f"{self.stats.captures} graph(s) captured and checked, {self.stats.replays} replays"
+                if self.stats.captures else "no graph captured yet")
+        last = f"; last eager loop: {self.stats.last_eager}" if self.stats.last_eager else ""
+        return f"{self.setting}: captured per loop and checked against eager; {done}{last}"
 
     # ------------------------------------------------------------------ scope
     @contextlib.contextmanager
@@ -285,7 +304,7 @@ class CudaGraphSteps:
         if outermost:
             self._scope_on = self._open_scope(enabled, why, resident_bytes)
         elif not enabled and self._scope_on:
-            log.info("[Diff-Privacy] CUDA graphs of the %s step off for this loop: %s", self.what, why)
+            self._note_eager(why)
         suppress = not outermost and not enabled
         self._depth += 1
         self._suppressed += suppress
@@ -299,123 +318,135 @@ class CudaGraphSteps:
                 self._scope_on = False
 
     def _open_scope(self, enabled: bool, why: str, resident_bytes: int) -> bool:
-        if not self._usable or self.failed is not None:
+        if not self.enabled:
             return False
         if not enabled:
-            log.info("[Diff-Privacy] CUDA graphs of the %s step off for this loop: %s", self.what, why)
+            self._note_eager(why)
             return False
         if self.setting == "auto":
             free = int(self._free_bytes() or 0)
             need = max(FREE_MEMORY_FLOOR, int(RESIDENT_HEADROOM * max(int(resident_bytes), 0)))
             if free < need:
-                log.info("[Diff-Privacy] CUDA graphs of the %s step off for this loop: %.1f GiB free < %.1f GiB "
-                         "(a graph keeps a step's activations resident; cuda_graphs='on' overrides)",
-                         self.what, free / 2 ** 30, need / 2 ** 30)
+                self._note_eager(f"{free / 2 ** 30:.1f} GiB free < {need / 2 ** 30:.1f} GiB (a graph keeps a step's "
+                                 "activations resident; the CLI's --cuda-graphs on overrides)")
                 return False
-        self._scope_recaptures = 0
+        self._scope_moves = 0
         return True
 
+    def _note_eager(self, why: str) -> None:
+        self.stats.last_eager = why
+        log.info("[Diff-Privacy] CUDA graphs of the %s step off for this loop: %s", self.what, why)
+
+    def _stay_eager(self, why: str) -> None:
+        """The rest of this scope runs eagerly."""
+        self._note_eager(why)
+        self._scope_on = False
+        self._release()
+
     def _release(self) -> None:
+        for entry in self._entries.values():
+            entry.run, entry.pinned = None, ()  # drop the graphs (and their pools) even if an entry is still held
         self._entries.clear()
         self._token = None
 
     @property
     def active(self) -> bool:
         """Whether calls now may replay graphs (inside an enabled scope, nothing failed)."""
-        return (self._scope_on and not self._suppressed and self.failed is None and not speed._eager_depth)
+        return self._scope_on and not self._suppressed and self.failed is None and not speed.eager_only_active()
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return self.fn(*args)
-        token = self._weights_token()
-        if token is None:
-            return self._eager_for_scope(args, "a UNet weight is off the compute device (low-VRAM loading) or "
-                                               "has no plain storage (quantized)")
-        if token != self._token:
-            if self._token is not None:
-                self._entries.clear()
-                self.stats.drops += 1
-                self._scope_recaptures += 1
-                if self._scope_recaptures > MAX_RECAPTURES:
-                    return self._eager_for_scope(args, f"the weights moved {MAX_RECAPTURES + 1} times in one loop")
-            self._token = token
+        if self.active:
+            outcome = self._graph_call(args)
+            if outcome is not None:
+                return outcome
+        return self.fn(*args)  # the eager step itself: its own errors (and Cancel) propagate as they are
+
+    def _graph_call(self, args: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The graphed answer to this call, or None for an eager one (deciding, capturing, checking)."""
+        why = self._weights_problem()
+        if why:
+            self._stay_eager(why)
+            return None
+        autocast = autocast_dtype(self.device.type)
         autograd = any(_needs_grad(a) for a in args)
-        if autograd and autocast_dtype(self.device.type) is not None and torch.is_autocast_cache_enabled():
-            return self._eager_for_scope(args, "an autocast with a weight cache is active (cache_enabled=True)")
-        key = (autograd, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-               autocast_dtype(self.device.type),
+        if autograd and autocast is not None and torch.is_autocast_cache_enabled():
+            self._stay_eager("an autocast with a weight cache is active (cache_enabled=True)")
+            return None
+        key = (autograd, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
                tuple((tuple(a.shape), a.dtype, _needs_grad(a)) for a in args))
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = _Entry(autograd=autograd, compute_dtype=self._compute_dtype(args))
+            entry = self._entries[key] = _Entry(autograd, autocast or self._compute_dtype(args))
         entry.calls += 1
-        if entry.run is None and entry.calls >= CAPTURE_ON_CALL:
-            if self._guarded(lambda: self._capture(entry, args, autograd)):
+        if entry.run is None:
+            if entry.calls >= CAPTURE_ON_CALL and self._guarded(lambda: self._capture(entry, args)):
                 self.stats.captures += 1
-        elif entry.run is not None and not self._backward_pending(entry):
-            result = self._guarded(lambda: self._verified_call(entry, args) if entry.verified
-                                   else self._verify(entry, args))
-            if result is not None:
-                return result
-        self.stats.eager += 1
-        return self.fn(*args)  # the eager step itself: its own errors (and Cancel) propagate as they are
+            return None  # the capture call answers eagerly
+        if entry.pending:
+            return None  # the previous forward's backward has not run: its activations are still needed
+        if entry.verified:
+            return self._guarded(lambda: self._replay(entry, args))
+        reference = self._eager_reference(entry, args)  # outside the guard: eager errors propagate
+        checked = self._guarded(lambda: self._check(entry, args, reference))
+        if checked is None and not entry.autograd:
+            return reference.out  # the check failed: this call's eager answer is already there
+        return checked
 
-    def _guarded(self, operation: Callable[[], object]):
-        """Run a graph operation; on failure release what it held and return None (the caller runs eagerly,
-        outside this frame, so the failed graph's memory can be freed first)."""
-        failure: Optional[_Failure] = None
+    def _guarded(self, operation: Callable[[], Optional[torch.Tensor]]):
+        """Run a graph operation. On failure release what the graphs hold and return None (the caller answers
+        eagerly once this frame is gone, so the failed graph's memory can be freed first)."""
+        why, permanent = None, True
         try:
             return operation()
         except self._passthrough:
             self._release()
             raise
         except _Failure as err:
-            failure = err
+            why, permanent = err.why, err.permanent
         except Exception as err:  # noqa: BLE001 - any failure of a graph means eager
-            failure = _Failure(f"{type(err).__name__}: {str(err)[:200]}", permanent=not _is_out_of_memory(err))
-        if failure.permanent:
-            self._fail(failure.why)
+            why, permanent = f"{type(err).__name__}: {str(err)[:200]}", not _is_out_of_memory(err)
+        if permanent:
+            self.failed = why
+            self._release()
+            log.warning("[Diff-Privacy] CUDA graphs of the %s step %s; running eagerly", self.what, self.reason)
         else:
-            self._eager_for_scope(None, failure.why)
+            self._stay_eager(why)
         self._ops.empty_cache()
         return None
 
     def _compute_dtype(self, args: Sequence[torch.Tensor]) -> torch.dtype:
-        under_autocast = autocast_dtype(self.device.type)
-        if under_autocast is not None:
-            return under_autocast
         if self._compute_dtype_given is not None:
             return self._compute_dtype_given
         floats = [a.dtype for a in args if a.is_floating_point()]
         return floats[0] if floats else torch.float32
 
-    def _weights_token(self) -> Optional[tuple]:
+    def _weights_problem(self) -> str:
+        """Why the weights cannot be replayed from now, or "" (a move drops the scope's graphs)."""
+        device_type = self.device.type
         token = []
         for w in self._weights():
+            if w.device.type != device_type:
+                return "a UNet weight is off the compute device (ComfyUI's low-VRAM loading)"
             ptr = w.data_ptr()
-            if w.device.type != self.device.type or (ptr == 0 and w.numel() > 0):
-                return None
-            token.append((ptr, w.dtype, w.device.index))
-        return tuple(token)
+            if ptr == 0 and w.numel() > 0:
+                return "a UNet weight has no plain storage (a quantized weight type)"
+            token.append((ptr, w.dtype))
+        token = tuple(token)
+        if token != self._token:
+            if any(entry.run is not None for entry in self._entries.values()):
+                self._scope_moves += 1
+                self.stats.drops += 1
+                if self._scope_moves >= MAX_RECAPTURES:
+                    return f"the UNet weights moved {self._scope_moves} times in one loop"
+            self._release()
+            self._token = token
+        return ""
 
-    def _eager_for_scope(self, args, why: str):
-        log.info("[Diff-Privacy] CUDA graphs of the %s step off for this loop: %s", self.what, why)
-        self._scope_on = False
-        self._release()
-        return None if args is None else self.fn(*args)
-
-    def _fail(self, why: str) -> None:
-        self.failed = why
-        self.reason = f"off after a failure ({why})"
-        self._release()
-        log.warning("[Diff-Privacy] CUDA graphs of the %s step %s; running eagerly", self.what, self.reason)
-
-    # ------------------------------------------------------------------ capture, replay and verification
-    def _capture(self, entry: _Entry, args: Sequence[torch.Tensor], autograd: bool) -> bool:
-        entry.weights = tuple(self._weights())
-        entry.autograd = autograd
-        if autograd:
+    # ------------------------------------------------------------------ capture, replay and check
+    def _capture(self, entry: _Entry, args: Sequence[torch.Tensor]) -> bool:
+        entry.pinned = tuple(w.detach() for w in self._weights())  # the storages, even if a Parameter moves
+        if entry.autograd:
             sample = [a.detach().clone().requires_grad_(_needs_grad(a)) for a in args]
             graphed = self._ops.graph_autograd(self.fn, sample)
             entry.run = lambda *xs: graphed(*xs).clone()
@@ -433,49 +464,44 @@ class CudaGraphSteps:
         entry.run = run
         return True
 
-    @staticmethod
-    def _backward_pending(entry: _Entry) -> bool:
-        """Whether a forward of this (autograd) graph still waits for its backward: its saved activations
-        live in the graph's pool, so another forward now would overwrite them. A forward whose output never
-        gets a backward keeps the signature eager for the rest of the scope (safe, only slower)."""
-        return entry.pending > 0
-
-    @staticmethod
-    def _track(entry: _Entry, out: torch.Tensor) -> torch.Tensor:
-        """Count a graphed forward pending until the gradient reaches its output (its backward then runs)."""
+    def _replay(self, entry: _Entry, args: Sequence[torch.Tensor]) -> torch.Tensor:
+        """A checked graph's answer; with gradients it counts as pending until its backward starts."""
+        self.stats.replays += 1
+        out = entry.run(*args)
         if entry.autograd and out.requires_grad:
             entry.pending += 1
 
-            def done(grad):
+            def backward_started(grad):
                 entry.pending = max(entry.pending - 1, 0)
                 return grad
 
-            out.register_hook(done)
+            out.register_hook(backward_started)
         return out
 
-    def _verified_call(self, entry: _Entry, args: Sequence[torch.Tensor]) -> torch.Tensor:
-        self.stats.replays += 1
-        return self._track(entry, entry.run(*args))
+    def _eager_reference(self, entry: _Entry, args: Sequence[torch.Tensor]) -> _EagerReference:
+        if not entry.autograd:
+            with torch.no_grad():
+                return _EagerReference(self.fn(*args))
+        wants = tuple(i for i, a in enumerate(args) if _needs_grad(a))
+        inputs = [a.detach().requires_grad_(_needs_grad(a)) for a in args]
+        out = self.fn(*inputs)
+        weight = out.detach()
+        grads = torch.autograd.grad(out, [inputs[i] for i in wants], weight)
+        return _EagerReference(out.detach(), tuple(grads), wants, weight)
 
-    def _verify(self, entry: _Entry, args: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Graph and eager on the same inputs; adopt the graph when they agree (one host sync per signature).
-        Raises :class:`_Failure` when they do not."""
+    def _check(self, entry: _Entry, args: Sequence[torch.Tensor], reference: _EagerReference) -> torch.Tensor:
+        """The graph on the same inputs as ``reference``; adopted when they agree (one host sync per signature),
+        else :class:`_Failure`."""
         rtol = tolerance_for(entry.compute_dtype)
         if entry.autograd:
-            wants = [i for i, a in enumerate(args) if _needs_grad(a)]
-            eager_in = [a.detach().requires_grad_(_needs_grad(a)) for a in args]
-            graph_in = [a.detach().requires_grad_(_needs_grad(a)) for a in args]
-            eager_out = self.fn(*eager_in)
-            weight = eager_out.detach()
-            eager_grads = torch.autograd.grad(eager_out, [eager_in[i] for i in wants], weight)
-            graph_out = entry.run(*graph_in)
-            graph_grads = torch.autograd.grad(graph_out, [graph_in[i] for i in wants], weight)
-            pairs = [(graph_out, eager_out), *zip(graph_grads, eager_grads)]
+            inputs = [a.detach().requires_grad_(_needs_grad(a)) for a in args]
+            out = entry.run(*inputs)
+            grads = torch.autograd.grad(out, [inputs[i] for i in reference.wants], reference.weight)
+            pairs = [(out, reference.out), *zip(grads, reference.grads)]
         else:
             with torch.no_grad():
-                eager_out = self.fn(*args)
-                graph_out = entry.run(*args)
-            pairs = [(graph_out, eager_out)]
+                out = entry.run(*args)
+            pairs = [(out, reference.out)]
         errors = torch.stack([relative_error(g, e) for g, e in pairs])
         worst = float(errors.nan_to_num(float("inf")).max())  # the one sync of a signature
         self.stats.verified.append(worst)
@@ -485,9 +511,10 @@ class CudaGraphSteps:
         entry.verified = True
         log.info("[Diff-Privacy] CUDA graph of the %s step captured and checked (relative error %.1e)",
                  self.what, worst)
-        self.stats.replays += 1
-        # with gradients the caller's graph must run through the graphed step on its own inputs
-        return self._track(entry, entry.run(*args)) if entry.autograd else graph_out
+        if not entry.autograd:
+            self.stats.replays += 1
+            return out
+        return self._replay(entry, args)  # the caller's autograd graph must run through its own inputs
 
 
 def graph_scope(backend, enabled: bool = True, why: str = "", resident_bytes: int = 0):

@@ -127,12 +127,10 @@ class DiffusersBackend:
         self.unet, self.vae, self.text_model, self.tokenizer = unet, vae, text_model, tokenizer
         # the UNet call of predict_eps: compiled on CUDA when asked and when it works, eager otherwise...
         self._unet_call = GuardedCompile(unet, device, compile_unet)
-        # ...and replayed as CUDA graphs inside each loop's scope (core/cuda_graphs.py); a compiled step
-        # ("reduce-overhead") replays graphs of its own, so the two never stack
-        self._graphs = CudaGraphSteps(self._unet_eps, device, "off" if self._unet_call.active else cuda_graphs,
+        # ...and replayed as CUDA graphs inside each loop's scope (core/cuda_graphs.py), except while the compiled
+        # step is active: it ("reduce-overhead") replays graphs of its own, so the two never stack
+        self._graphs = CudaGraphSteps(self._unet_eps, device, cuda_graphs,
                                       weights=lambda: (*unet.parameters(), *unet.buffers()))
-        if self._unet_call.active and cuda_graphs != "off":
-            self._graphs.reason = "off: the compiled UNet step replays CUDA graphs itself"
         self.vae_kind = vae_kind
         self.device = torch.device(device)
         self.dtype, self.vae_dtype = dtype, vae_dtype
@@ -246,13 +244,26 @@ class DiffusersBackend:
         device in the compute dtype → ε̂ [B,4,h,w] in that dtype."""
         return self._unet_call(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
 
+    _COMPILED = "the compiled UNet step replays CUDA graphs itself"
+
     def unet_graphs(self, enabled: bool = True, why: str = "", resident_bytes: int = 0):
-        """The CUDA-graph scope of one loop (:meth:`core.cuda_graphs.CudaGraphSteps.scope`)."""
+        """The CUDA-graph scope of one loop (:meth:`core.cuda_graphs.CudaGraphSteps.scope`); kept eager while
+        the compiled UNet step is active."""
+        if self._unet_call.active:
+            enabled, why = False, self._COMPILED
         return self._graphs.scope(enabled, why, resident_bytes)
 
     @property
+    def cuda_graphs_enabled(self) -> bool:
+        """Whether loops may replay the UNet step as CUDA graphs (CUDA, the setting, nothing failed, no
+        compiled step)."""
+        return self._graphs.enabled and not self._unet_call.active
+
+    @property
     def cuda_graphs_status(self) -> str:
-        """One line: whether the UNet step replays CUDA graphs, and why (for reports and the benchmark)."""
+        """One line: whether the UNet step replays CUDA graphs, why, and what they did (reports, benchmark)."""
+        if self._unet_call.active and self._graphs.enabled:
+            return f"off: {self._COMPILED}"
         return self._graphs.reason
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:

@@ -33,13 +33,26 @@ CHECKPOINTING_HEADROOM = 2.0
 CHECKPOINTING_SETTINGS = (True, False, "auto")
 #: accepted strings for autocast/compile settings
 AUTO = "auto"
-COMPILE_SETTINGS = ("auto", "on", "off")
+#: the values of an on/off switch that can also decide for itself: the compiled UNet step, CUDA graphs
+SWITCH_SETTINGS = ("auto", "on", "off")
+COMPILE_SETTINGS = SWITCH_SETTINGS
 #: torch.compile mode of the UNet step: CUDA graphs on top of Inductor kernels. The UNet at batch 1 is
 #: launch-bound on an H200 (eager forward 28.6 ms vs 9.5 ms replayed as a CUDA graph, issue 11).
 COMPILE_MODE = "reduce-overhead"
 
 CheckpointSetting = Union[bool, str]
-_eager_depth = 0  # > 0 while eager_only() is active: every GuardedCompile runs its eager module
+_eager_depth = 0  # > 0 while eager_only() is active: compiled steps and CUDA graphs run eagerly
+
+
+def eager_only_active() -> bool:
+    """Whether an :func:`eager_only` block is open."""
+    return _eager_depth > 0
+
+
+def env_turns_off(name: str) -> Optional[str]:
+    """The value of environment variable ``name`` when it turns a switch off (0/off/false/no), else None."""
+    value = os.environ.get(name, "").strip()
+    return value if value.lower() in ("0", "off", "false", "no") else None
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -120,8 +133,9 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> int:
 
 @contextlib.contextmanager
 def eager_only() -> Iterator[None]:
-    """Run every :class:`GuardedCompile` eagerly inside the block (measurement probes: a compiled graph would
-    be traced, and its saved tensors managed, differently from the eager run they stand for)."""
+    """Run every :class:`GuardedCompile` and :class:`core.cuda_graphs.CudaGraphSteps` eagerly inside the block
+    (measurement probes: a compiled step or a graph would save and hold its tensors differently from the eager
+    run they stand for)."""
     global _eager_depth
     _eager_depth += 1
     try:
@@ -221,8 +235,9 @@ def resolve_compute_dtype(setting: str, device: torch.device | str) -> torch.dty
 # ------------------------------------------------------------------------------------------ compile
 def compile_available() -> tuple[bool, str]:
     """Whether torch.compile with Inductor can run here (it needs Triton for CUDA kernels), and why not."""
-    if os.environ.get("DP_COMPILE", "").strip().lower() in ("0", "off", "false", "no"):
-        return False, "DP_COMPILE turns it off"
+    value = env_turns_off("DP_COMPILE")
+    if value is not None:
+        return False, f"DP_COMPILE={value} is set"
     if not hasattr(torch, "compile"):
         return False, "this torch has no torch.compile"
     try:

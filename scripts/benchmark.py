@@ -452,8 +452,8 @@ def _backend_change(ctx: Context, vae: bool = False) -> str:
 
 
 def graphs_on(backend) -> bool:
-    """Whether ``backend`` replays its UNet step as CUDA graphs inside loops (core/cuda_graphs.py)."""
-    return getattr(backend, "cuda_graphs_status", "off").startswith(("auto", "on"))
+    """Whether ``backend`` may replay its UNet step as CUDA graphs inside loops (core/cuda_graphs.py)."""
+    return bool(getattr(backend, "cuda_graphs_enabled", False))
 
 
 def graphs_kept_off(ctx: Context, measure: Callable[[], tuple[list[float], float]]):

@@ -42,12 +42,11 @@ PASSPHRASE_ENV = "DIFF_PRIVACY_PASSPHRASE"
 TASKS = ("anonymize", "hide")
 GUIDANCE_CROPS = ("official", "ffhq", "whole", "detect")
 # likewise core.msi.SPEEDS, the names core.speed.resolve_compute_dtype takes, core.speed.COMPILE_SETTINGS and
-# core.cuda_graphs.GRAPH_SETTINGS
+# core.cuda_graphs.GRAPH_SETTINGS (both core.speed.SWITCH_SETTINGS)
 SPEEDS = ("paper", "default", "fast")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 COMPILE = ("auto", "on", "off")
-# core.cuda_graphs.GRAPH_SETTINGS
-CUDA_GRAPHS = ("auto", "on", "off")
+CUDA_GRAPHS = COMPILE  # the same three switch values (core.speed.SWITCH_SETTINGS)
 # What the CLI needs beyond the nodes' requirements.txt: the `cli` extra of pyproject.toml, mirrored by
 # requirements-cli.txt (module name -> distribution name).
 CLI_MODULES = {"diffusers": "diffusers", "transformers": "transformers", "tqdm": "tqdm"}
@@ -502,8 +501,10 @@ def parser() -> argparse.ArgumentParser:
                        help="torch.compile the UNet step on CUDA (costs a minute or two the first time per shape; "
                             "off with a log line where it cannot run)")
         p.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
-                       help="replay the UNet step as CUDA graphs inside each loop, checked against the eager step "
-                            "(auto: on a CUDA GPU with at least 6 GiB free; on: also with less; off: never)")
+                       help="replay the UNet step as CUDA graphs inside each loop, each graph checked against the "
+                            "eager step first (auto: on a CUDA GPU with at least 6 GiB free and 3x the activations of "
+                            "an MSI step; on: also with less memory; off: never; a CPU, UNet checkpointing or a "
+                            "failed check keep the step eager either way)")
     p = sub.choices["protect"]
     p.add_argument("--recognizer", required=True, help="FaceNet .pt or ArcFace IR-SE50 .pth")
     p.add_argument("--verify", action="append", metavar="PATH",

@@ -46,7 +46,7 @@ FACENET_FILE_NAME = "20180402-114759-vggface2.pt"
 PHOTO_NAME = "astronaut.png"
 PROBE_NAME = "dp_gpu_check_probe"
 # (a): the bridge tests this check is for; the rest of test_bridge.py runs too on a GPU, reported as extra
-BRIDGE_REQUIRED = re.compile(r"gradient|checkpointing|interrupt")
+BRIDGE_REQUIRED = re.compile(r"gradient|checkpointing|interrupt|cuda_graphs")
 GIB = 1024 ** 3
 
 # The real SD1.5 UNet in ComfyUI's UNetModel terms (its own SD15 config): 2 res blocks per level, channel
@@ -489,7 +489,7 @@ def cmd_run(opts) -> int:
     required = ", ".join(f"{name} {outcome}" for name, outcome in bridge["required"].items()) or "none ran"
     say(f"[a] bridge tests (tests/nodes/test_bridge.py) with ComfyUI in-process on {opts.device}: "
         f"{'PASS' if bridge['passed'] else 'FAIL'} in {bridge['seconds']} s (pytest exit {bridge['exit']})")
-    say(f"    required (gradient / checkpointing / interrupt): {required}")
+    say(f"    required (gradient / checkpointing / interrupt; CUDA graphs on CUDA): {required}")
     others = {n: o for n, o in bridge["tests"].items() if n not in bridge["required"]}
     if others:
         counts = {o: sum(1 for v in others.values() if v == o) for o in sorted(set(others.values()))}

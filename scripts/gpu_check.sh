@@ -8,8 +8,9 @@
 # What it checks, on ComfyUI 0.33.0, within DP_GPU_CHECK_BUDGET_S (default 480 s = 8 minutes, setup included):
 #  (a) tests/nodes/test_bridge.py with ComfyUI imported in-process on CUDA (DP_COMFYUI_DEVICE=cuda, read by
 #      scripts/comfyui_env.py; tests/nodes/conftest.py fails if ComfyUI picked another device). Required: the
-#      stage-token gradient through ComfyUI's CLIP and UNet, UNet gradient checkpointing, and Cancel
-#      (interrupt) stopping MSI and the sampler; the rest of the file is run and reported. In-process ComfyUI
+#      stage-token gradient through ComfyUI's CLIP and UNet, UNet gradient checkpointing, Cancel
+#      (interrupt) stopping MSI and the sampler, and (on CUDA) MSI Invert's loops replaying real CUDA graphs
+#      with the eager results; the rest of the file is run and reported. In-process ComfyUI
 #      uses its classic model patcher: dynamic VRAM is switched on by main.py only, hence (b).
 #  (b) workflows/api/anonymize.json without Save Privacy Keys (Face Align 512 px → MSI Invert lite, 20 steps,
 #      10 inversion steps → Embedding Scheduler → Identity Energy Guidance → Privacy Sampler, 10 steps, batch

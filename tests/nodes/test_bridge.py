@@ -67,7 +67,7 @@ def test_stage_token_gradient_flows_through_comfy_models(loaded):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_msi_and_inversion_replay_real_cuda_graphs_on_a_gpu(loaded):
+def test_msi_and_inversion_replay_real_cuda_graphs_on_a_gpu(loaded):  # required by scripts/gpu_check.py
     """On CUDA (scripts/gpu_check.sh), MSI Invert's loops replay the UNet step as CUDA graphs by default, each
     checked against the eager step, and give what the same loops give eagerly (ComfyUI's fp16/bf16 UNet: a
     loose bound). The CPU runs the same logic with stand-in captures (tests/nodes/test_speed.py)."""
@@ -81,15 +81,16 @@ def test_msi_and_inversion_replay_real_cuda_graphs_on_a_gpu(loaded):
     image = torch.linspace(-1, 1, 3 * 64 * 64, device=comfy_backend.device).view(1, 3, 64, 64)
     options = msi.MSIOptions.preset("lite", steps=6, timesteps_per_step=2, seed=5)
 
-    def run(graphs: bool):
-        with comfy_backend.unet_graphs(enabled=graphs, why="the test's eager reference"), torch.inference_mode():
+    def run():  # each loop opens its own scope, as in MSI Invert
+        with torch.inference_mode():
             with normal_tensors():
                 result = msi.train_msi(comfy_backend, image, options)
             return result, sampling.ddim_invert(comfy_backend, result.source_latent, result.stage_conds, 6)
 
-    eager = run(False)
+    with comfy_backend.unet_graphs(enabled=False, why="the test's eager reference"):
+        eager = run()
     before = comfy_backend._graphs.stats.captures
-    graphed = run(True)
+    graphed = run()
     stats = comfy_backend._graphs.stats
     assert comfy_backend._graphs.failed is None, comfy_backend.cuda_graphs_status
     assert stats.captures - before == 2 and max(stats.verified) < 2e-2
