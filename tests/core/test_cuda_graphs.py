@@ -234,7 +234,7 @@ def test_a_weight_off_the_device_keeps_the_loop_eager(caplog):
     assert ops.captures == 0 and "low-VRAM" in caplog.text
 
 
-def test_autocast_is_part_of_the_signature_and_sets_the_tolerance():
+def test_autocast_is_part_of_the_signature():
     model, ops = ToyStep(), FakeGraphOps()
     steps = make_steps(model, ops=ops)
     with torch.no_grad(), steps.scope():
