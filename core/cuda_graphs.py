@@ -168,6 +168,25 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
+def live_weights(module: torch.nn.Module) -> Callable[[], Iterator[torch.Tensor]]:
+    """The ``weights`` reader of :class:`CudaGraphSteps` for a module: every parameter and buffer, read through
+    the slots that hold them (found once), so a tensor replaced in its slot (ComfyUI re-loading or patching a
+    weight) is seen, without walking the module tree on every call (1.4 ms for SD1.5's UNet on a slow CPU)."""
+    slots: list = []
+
+    def read() -> Iterator[torch.Tensor]:
+        if not slots:
+            for sub in module.modules():
+                slots.extend((sub._parameters, name) for name in sub._parameters)
+                slots.extend((sub._buffers, name) for name in sub._buffers)
+        for table, name in slots:
+            tensor = table.get(name)
+            if tensor is not None:
+                yield tensor
+
+    return read
+
+
 def _needs_grad(t: torch.Tensor) -> bool:
     return t.requires_grad and torch.is_grad_enabled()
 
@@ -422,25 +441,24 @@ class CudaGraphSteps:
         return floats[0] if floats else torch.float32
 
     def _weights_problem(self) -> str:
-        """Why the weights cannot be replayed from now, or "" (a move drops the scope's graphs)."""
-        device_type = self.device.type
-        token = []
+        """Why the weights cannot be replayed from now, or "" (a move drops the scope's graphs). Per call only
+        the addresses and dtypes are read; devices and storages are checked when they change."""
+        token = tuple((w.data_ptr(), w.dtype) for w in self._weights())
+        if token == self._token:
+            return ""
         for w in self._weights():
-            if w.device.type != device_type:
+            if w.device.type != self.device.type:
                 return "a UNet weight is off the compute device (ComfyUI's low-VRAM loading)"
-            ptr = w.data_ptr()
-            if ptr == 0 and w.numel() > 0:
+            if w.data_ptr() == 0 and w.numel() > 0:
                 return "a UNet weight has no plain storage (a quantized weight type)"
-            token.append((ptr, w.dtype))
-        token = tuple(token)
-        if token != self._token:
+        if self._token is not None:
             if any(entry.run is not None for entry in self._entries.values()):
                 self._scope_moves += 1
                 self.stats.drops += 1
                 if self._scope_moves >= MAX_RECAPTURES:
                     return f"the UNet weights moved {self._scope_moves} times in one loop"
             self._release()
-            self._token = token
+        self._token = token
         return ""
 
     # ------------------------------------------------------------------ capture, replay and check

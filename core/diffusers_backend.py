@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .autograd import normal_tensors
-from .cuda_graphs import CudaGraphSteps
+from .cuda_graphs import CudaGraphSteps, live_weights
 from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
@@ -129,8 +129,7 @@ class DiffusersBackend:
         self._unet_call = GuardedCompile(unet, device, compile_unet)
         # ...and replayed as CUDA graphs inside each loop's scope (core/cuda_graphs.py), except while the compiled
         # step is active: it ("reduce-overhead") replays graphs of its own, so the two never stack
-        self._graphs = CudaGraphSteps(self._unet_eps, device, cuda_graphs,
-                                      weights=lambda: (*unet.parameters(), *unet.buffers()))
+        self._graphs = CudaGraphSteps(self._unet_eps, device, cuda_graphs, weights=live_weights(unet))
         self.vae_kind = vae_kind
         self.device = torch.device(device)
         self.dtype, self.vae_dtype = dtype, vae_dtype

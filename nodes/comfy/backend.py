@@ -6,7 +6,7 @@ import torch
 
 from ...core import diffusion
 from ...core.autograd import as_normal, normal_tensors
-from ...core.cuda_graphs import CudaGraphSteps
+from ...core.cuda_graphs import CudaGraphSteps, live_weights
 from ...core.fingerprint import text_encoder_fingerprint
 from ...core.text_encoder import CLIPTextEncoder, PlaceholderConditioner
 from .autograd import DifferentiableDecoder, grad_ready_model, set_unet_checkpointing
@@ -114,10 +114,8 @@ class ComfyBackend:
         self._text_fingerprint = None
         self.gradient_checkpointing = False
         self._sigmas = diffusion.sigma_table().to(torch.float32).to(self.device)
-        base = self.base
-        self._graphs = CudaGraphSteps(self._eps, self.device, cuda_graphs,
-                                      weights=lambda: (*base.parameters(), *base.buffers()),
-                                      free_bytes=self.free_memory_bytes, compute_dtype=compute_dtype(base),
+        self._graphs = CudaGraphSteps(self._eps, self.device, cuda_graphs, weights=live_weights(self.base),
+                                      free_bytes=self.free_memory_bytes, compute_dtype=compute_dtype(self.base),
                                       passthrough=(InterruptProcessingException,))
 
     # diffusion

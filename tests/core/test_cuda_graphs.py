@@ -224,6 +224,15 @@ def test_a_move_before_any_capture_costs_nothing():
     assert steps.stats.drops == 0 and ops.captures == 1
 
 
+def test_live_weights_follow_a_tensor_replaced_in_its_slot():
+    model = ToyStep()
+    read = cg.live_weights(model)
+    assert [w.data_ptr() for w in read()] == [w.data_ptr() for w in (*model.parameters(), *model.buffers())]
+    model.conv.weight = nn.Parameter(model.conv.weight.detach().clone())  # ComfyUI's set_attr_param
+    model.proj.bias = None
+    assert [id(w) for w in read()] == [id(w) for w in (model.conv.weight, model.conv.bias, model.proj.weight)]
+
+
 def test_a_weight_off_the_device_keeps_the_loop_eager(caplog):
     model, ops = ToyStep(), FakeGraphOps()
     offloaded = torch.empty(3, device="meta")
