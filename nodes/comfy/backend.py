@@ -138,11 +138,6 @@ class ComfyBackend:
         return self._graphs.scope(enabled, why, resident_bytes)
 
     @property
-    def cuda_graphs_enabled(self) -> bool:
-        """Whether loops may replay the UNet step as CUDA graphs."""
-        return self._graphs.enabled
-
-    @property
     def cuda_graphs_status(self) -> str:
         """One line: whether the UNet step replays CUDA graphs, why, and what they did."""
         return self._graphs.reason
